@@ -1,0 +1,46 @@
+"""One exception hierarchy for the whole package.
+
+Library code raises these; the CLI maps them to exit codes. Every message states the
+rule that was broken and the offending value.
+"""
+
+
+class EasyAnimateError(Exception):
+    """Base class of every error raised on purpose by easyanimate-rt."""
+
+
+class ConfigError(EasyAnimateError, ValueError):
+    """A configuration field has an invalid value."""
+
+
+class InputError(EasyAnimateError, ValueError):
+    """A request (prompt, size, frame count, sampler, ...) breaks a rule."""
+
+
+class ShapeError(InputError):
+    """A tensor has a shape the network or engine cannot take."""
+
+
+class CheckpointError(EasyAnimateError):
+    """A checkpoint directory is missing, incomplete or inconsistent."""
+
+
+class ExportError(EasyAnimateError):
+    """Exporting a network to ONNX failed or produced an invalid graph."""
+
+
+class EngineError(EasyAnimateError):
+    """Building, loading or running an inference engine failed."""
+
+
+class MissingDependencyError(EasyAnimateError, ImportError):
+    """An optional library is needed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, purpose: str = ""):
+        what = f" for {purpose}" if purpose else ""
+        super().__init__(
+            f"{package} is required{what}; install it with "
+            f'pip install "easyanimate-rt[{extra}]"'
+        )
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,358 @@
+"""Configurations of the three networks and named presets (DESIGN.md 1.5).
+
+One frozen dataclass per network, a bundle for a whole model, and ``PRESETS`` keyed by
+name. ``__post_init__`` validates every field and raises :class:`ConfigError` naming
+the field and the bad value. Configs round-trip through ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16")
+PADDING_MODES = ("slice", "causal")
+RESAMPLE_TYPES = ("spatial", "spacetime", "none")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {value!r}")
+
+
+class _Serialisable:
+    """Mixin: dict/JSON round trip that turns JSON lists back into tuples."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known) - {"_class_name", "_easyanimate_rt_version"})
+        if unknown:
+            raise ConfigError(f"{cls.__name__} got unknown fields {unknown}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig(_Serialisable):
+    """A T5 encoder (transformers ``T5EncoderModel``) and its tokenizer settings."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "gated-gelu"
+    max_length: int = 120
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "max_length")
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "feed_forward_proj", ("relu", "gated-gelu"))
+
+    def t5_config(self):
+        """The equivalent ``transformers.T5Config``."""
+        from transformers import T5Config
+
+        return T5Config(
+            vocab_size=self.vocab_size, d_model=self.d_model, d_kv=self.d_kv, d_ff=self.d_ff,
+            num_layers=self.num_layers, num_heads=self.num_heads,
+            relative_attention_num_buckets=self.relative_attention_num_buckets,
+            relative_attention_max_distance=self.relative_attention_max_distance,
+            feed_forward_proj=self.feed_forward_proj, dropout_rate=0.0,
+            is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+        )
+
+
+@dataclass(frozen=True)
+class VAEConfig(_Serialisable):
+    """Slice VAE (DESIGN.md 1.2). Resample types are listed per level, in execution order."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2  # encoder; the decoder uses one more
+    down_block_types: tuple[str, ...] = ("spatial", "spacetime", "spacetime", "none")
+    up_block_types: tuple[str, ...] = ("spatial", "spacetime", "spacetime", "none")
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    mid_block_attention: bool = True
+    padding_mode: str = "slice"
+    slice_frames: int = 8  # pixel frames per encoder slice
+    scaling_factor: float = 0.18215
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "in_channels", "out_channels", "latent_channels", "layers_per_block",
+                  "norm_num_groups", "slice_frames")
+        _choice(self, "padding_mode", PADDING_MODES)
+        _choice(self, "dtype", DTYPES)
+        if not self.block_out_channels:
+            raise ConfigError("VAEConfig.block_out_channels must not be empty")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ConfigError(
+                    f"VAEConfig.block_out_channels entries must be divisible by norm_num_groups="
+                    f"{self.norm_num_groups}, got {c}")
+        for name in ("down_block_types", "up_block_types"):
+            types = getattr(self, name)
+            if len(types) != len(self.block_out_channels):
+                raise ConfigError(
+                    f"VAEConfig.{name} needs one entry per level ({len(self.block_out_channels)}), "
+                    f"got {len(types)}")
+            for t in types:
+                if t not in RESAMPLE_TYPES:
+                    raise ConfigError(f"VAEConfig.{name} entries must be in {list(RESAMPLE_TYPES)}, got {t!r}")
+        if self.spatial_compression != self._up_spatial:
+            raise ConfigError("VAEConfig.up_block_types must undo the spatial compression of down_block_types")
+        if self.temporal_compression != self._up_temporal:
+            raise ConfigError("VAEConfig.up_block_types must undo the temporal compression of down_block_types")
+        if self.slice_frames % self.temporal_compression:
+            raise ConfigError(
+                f"VAEConfig.slice_frames must be a multiple of the temporal compression "
+                f"{self.temporal_compression}, got {self.slice_frames}")
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** sum(1 for t in self.down_block_types if t != "none")
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(1 for t in self.down_block_types if t == "spacetime")
+
+    @property
+    def _up_spatial(self) -> int:
+        return 2 ** sum(1 for t in self.up_block_types if t != "none")
+
+    @property
+    def _up_temporal(self) -> int:
+        return 2 ** sum(1 for t in self.up_block_types if t == "spacetime")
+
+    @property
+    def latents_per_slice(self) -> int:
+        return self.slice_frames // self.temporal_compression
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a video of ``frames`` frames (DESIGN.md 1.2, slicing)."""
+        check_frames(frames, self.slice_frames)
+        if frames % 2:
+            return 1 + (frames - 1) // self.slice_frames * self.latents_per_slice
+        return frames // self.slice_frames * self.latents_per_slice
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Inverse of :meth:`latent_frames`."""
+        if latent_frames <= 0:
+            raise ConfigError(f"latent_frames must be positive, got {latent_frames}")
+        n = self.latents_per_slice
+        if latent_frames % n == 0:
+            return latent_frames // n * self.slice_frames
+        if (latent_frames - 1) % n == 0:
+            return 1 + (latent_frames - 1) // n * self.slice_frames
+        raise ConfigError(f"latent_frames must be a multiple of {n} or one more, got {latent_frames}")
+
+
+def check_frames(frames: int, slice_frames: int = 8) -> None:
+    """Frames must be 1, a multiple of the slice (8) or a multiple plus one (8k+1)."""
+    from ..errors import InputError
+
+    if not isinstance(frames, int) or frames < 1 or not (
+        frames == 1 or frames % slice_frames == 0 or (frames - 1) % slice_frames == 0
+    ):
+        raise InputError(
+            f"frames must be 1, a multiple of {slice_frames} or a multiple of {slice_frames} "
+            f"plus 1, got {frames!r}")
+
+
+@dataclass(frozen=True)
+class DiTConfig(_Serialisable):
+    """Video DiT: PixArt-alpha backbone + motion module + U-ViT skips (DESIGN.md 1.3)."""
+
+    in_channels: int = 4
+    learn_sigma: bool = True
+    num_layers: int = 28
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    patch_size: int = 2
+    caption_channels: int = 4096
+    sample_size: int = 64  # latent size the position table is normalised to
+    mlp_ratio: int = 4
+    norm_eps: float = 1e-6
+    motion_module: bool = True
+    temporal_num_heads: int = 8
+    temporal_block_size: int = 1  # 2 = Grid Reshape
+    temporal_max_positions: int = 4096
+    hybrid_global_attention: bool = False  # V3: odd blocks use global attention
+    long_skips: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "in_channels", "num_layers", "num_attention_heads", "attention_head_dim",
+                  "patch_size", "caption_channels", "sample_size", "mlp_ratio",
+                  "temporal_num_heads", "temporal_block_size", "temporal_max_positions")
+        _choice(self, "dtype", DTYPES)
+        if self.temporal_block_size not in (1, 2):
+            raise ConfigError(f"DiTConfig.temporal_block_size must be 1 or 2, got {self.temporal_block_size}")
+        if self.motion_module and self.hidden_size % self.temporal_num_heads:
+            raise ConfigError(
+                f"DiTConfig.temporal_num_heads must divide hidden_size={self.hidden_size}, "
+                f"got {self.temporal_num_heads}")
+        if self.hidden_size % 2:
+            raise ConfigError(f"DiTConfig hidden size must be even, got {self.hidden_size}")
+        if self.sample_size % self.patch_size:
+            raise ConfigError(
+                f"DiTConfig.sample_size must be a multiple of patch_size={self.patch_size}, "
+                f"got {self.sample_size}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_skips(self) -> int:
+        return (self.num_layers - 2) // 2 if self.long_skips else 0
+
+
+@dataclass(frozen=True)
+class SamplingDefaults(_Serialisable):
+    """Defaults of the text-to-video pipeline for a model."""
+
+    height: int = 384
+    width: int = 672
+    frames: int = 144
+    fps: int = 24
+    steps: int = 30
+    guidance_scale: float = 6.0
+    sampler: str = "dpm++"
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Serialisable):
+    """A whole model: text encoder, VAE, DiT and sampling defaults."""
+
+    name: str
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    def __post_init__(self) -> None:
+        if self.dit.caption_channels != self.text_encoder.d_model:
+            raise ConfigError(
+                f"DiTConfig.caption_channels ({self.dit.caption_channels}) must equal the text "
+                f"encoder's d_model ({self.text_encoder.d_model})")
+        if self.dit.in_channels != self.vae.latent_channels:
+            raise ConfigError(
+                f"DiTConfig.in_channels ({self.dit.in_channels}) must equal VAEConfig.latent_channels "
+                f"({self.vae.latent_channels})")
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE x patch x grid reshape)."""
+        return self.vae.spatial_compression * self.dit.patch_size * self.dit.temporal_block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "text_encoder": self.text_encoder.to_dict(),
+            "vae": self.vae.to_dict(),
+            "dit": self.dit.to_dict(),
+            "sampling": self.sampling.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return cls(
+            name=data["name"],
+            text_encoder=TextEncoderConfig.from_dict(data.get("text_encoder", {})),
+            vae=VAEConfig.from_dict(data.get("vae", {})),
+            dit=DiTConfig.from_dict(data.get("dit", {})),
+            sampling=SamplingDefaults.from_dict(data.get("sampling", {})),
+        )
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write ``config.to_dict()`` as JSON, atomically."""
+    from .io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def load_config(cls: type, path: str | Path):
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    return cls.from_dict(data)
+
+
+# --- presets ------------------------------------------------------------------------
+
+_TINY_TEXT = TextEncoderConfig(vocab_size=512, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                               num_heads=4, relative_attention_num_buckets=8,
+                               relative_attention_max_distance=16, max_length=16)
+_TINY_VAE = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)
+_TINY_DIT = DiTConfig(num_layers=4, num_attention_heads=2, attention_head_dim=16, caption_channels=32,
+                      sample_size=8, temporal_num_heads=2, temporal_max_positions=64)
+
+# V2 (paper v1) uses Grid Reshape (block_size 2) and 8 temporal heads; V3 swaps in the
+# hybrid motion module with 16 temporal heads.
+_V2_512 = DiTConfig(sample_size=64, temporal_num_heads=8, temporal_block_size=2)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny", text_encoder=_TINY_TEXT, vae=_TINY_VAE, dit=_TINY_DIT,
+        sampling=SamplingDefaults(height=64, width=64, frames=9, fps=8, steps=5, guidance_scale=4.0),
+    ),
+    "v2-512": ModelConfig(
+        name="v2-512", dit=_V2_512,
+        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0),
+    ),
+    "v2-768": ModelConfig(
+        name="v2-768", dit=_V2_512.replace(sample_size=96),
+        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0),
+    ),
+    "v3-768": ModelConfig(
+        name="v3-768",
+        dit=_V2_512.replace(sample_size=96, temporal_num_heads=16, hybrid_global_attention=True),
+        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0),
+    ),
+}
+
+
+def from_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
