@@ -202,6 +202,7 @@ class DiTConfig(_Serialisable):
     mlp_ratio: int = 4
     norm_eps: float = 1e-6
     motion_module: bool = True
+    motion_norm_groups: int = 32
     temporal_num_heads: int = 8
     temporal_block_size: int = 1  # 2 = Grid Reshape
     temporal_max_positions: int = 4096
@@ -212,7 +213,8 @@ class DiTConfig(_Serialisable):
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "num_layers", "num_attention_heads", "attention_head_dim",
                   "patch_size", "caption_channels", "sample_size", "mlp_ratio",
-                  "temporal_num_heads", "temporal_block_size", "temporal_max_positions")
+                  "temporal_num_heads", "temporal_block_size", "temporal_max_positions",
+                  "motion_norm_groups")
         _choice(self, "dtype", DTYPES)
         if self.temporal_block_size not in (1, 2):
             raise ConfigError(f"DiTConfig.temporal_block_size must be 1 or 2, got {self.temporal_block_size}")
@@ -220,6 +222,10 @@ class DiTConfig(_Serialisable):
             raise ConfigError(
                 f"DiTConfig.temporal_num_heads must divide hidden_size={self.hidden_size}, "
                 f"got {self.temporal_num_heads}")
+        if self.motion_module and self.hidden_size % self.motion_norm_groups:
+            raise ConfigError(
+                f"DiTConfig.motion_norm_groups must divide hidden_size={self.hidden_size}, "
+                f"got {self.motion_norm_groups}")
         if self.hidden_size % 2:
             raise ConfigError(f"DiTConfig hidden size must be even, got {self.hidden_size}")
         if self.sample_size % self.patch_size:
@@ -234,6 +240,16 @@ class DiTConfig(_Serialisable):
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def interpolation_scale(self) -> float:
+        """PixArt's position-grid scale: 1 up to the 512 model, 2 for the 1024 model."""
+        return float(max(self.sample_size // 64, 1))
+
+    @property
+    def base_grid(self) -> int:
+        """Token-grid size that positions are normalised to (32 for the 512 model)."""
+        return self.sample_size // self.patch_size
 
     @property
     def num_skips(self) -> int:
