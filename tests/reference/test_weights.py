@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from easyanimate_rt.errors import CheckpointError
+from easyanimate_rt.reference.config import from_preset
+from easyanimate_rt.reference.weights import load_model, random_model, save_model
+from easyanimate_rt.tolerances import check_close
+
+TINY = from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = random_model(TINY, seed=3)
+    with torch.no_grad():  # make skips and motion modules non-zero so they must load
+        for name, p in model.dit.named_parameters():
+            if "attn_temporal" in name or "long_connect" in name or name.startswith("proj_out"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@torch.no_grad()
+def _outputs(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 2, 8, 8, generator=g)
+    emb, mask = model.text_encoder.encode(["a red circle moving left"])
+    eps = model.dit(x, torch.tensor([500.0]), emb, mask)
+    video = model.vae.decode(x)
+    return emb, eps, video
+
+
+def test_own_directory_round_trip(tiny_model, tmp_path):
+    out = save_model(tiny_model, tmp_path / "m")
+    assert not any(p.name.endswith(".tmp") or p.name.endswith(".partial") for p in tmp_path.rglob("*"))
+    loaded = load_model(out)
+    assert loaded.config == tiny_model.config
+    for a, b in zip(_outputs(loaded), _outputs(tiny_model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _write_upstream(model, root, drop=None):
+    """An upstream-layout directory: diffusers-style config.json, upstream key names, plus
+    the training-loss tensors upstream VAE files carry."""
+    (root / "transformer").mkdir(parents=True)
+    (root / "vae").mkdir()
+    d = model.config.dit
+    (root / "transformer" / "config.json").write_text(json.dumps({
+        "_class_name": "Transformer3DModel", "num_layers": d.num_layers,
+        "num_attention_heads": d.num_attention_heads, "attention_head_dim": d.attention_head_dim,
+        "in_channels": 4, "out_channels": 8, "sample_size": d.sample_size, "patch_size": 2,
+        "caption_channels": d.caption_channels}))
+    (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLMagvit"}))
+    dit_state = {k: v.clone() for k, v in model.dit.state_dict().items()}
+    assert any(k.endswith("pos_encoder.pe") for k in dit_state)
+    if drop:
+        dit_state.pop(drop)
+    save_file(dit_state, str(root / "transformer" / "diffusion_pytorch_model.safetensors"))
+    vae_state = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    vae_state["loss.discriminator.main.0.weight"] = torch.zeros(3)
+    save_file(vae_state, str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+    model.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
+
+
+def test_upstream_directory_round_trip(tiny_model, tmp_path):
+    _write_upstream(tiny_model, tmp_path / "up")
+    loaded = load_model(tmp_path / "up", preset="tiny")
+    assert loaded.config.dit == tiny_model.config.dit
+    for a, b in zip(_outputs(loaded), _outputs(tiny_model)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_upstream_missing_key_is_named(tiny_model, tmp_path):
+    key = "transformer_blocks.1.attn_temporal.temporal_transformer.proj_in.weight"
+    _write_upstream(tiny_model, tmp_path / "up", drop=key)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        load_model(tmp_path / "up", preset="tiny")
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither"):
+        load_model(tmp_path / "empty")
+
+
+def test_text_encoder_pads_and_masks(tiny_model):
+    emb, mask = tiny_model.text_encoder.encode(["a red circle", ""])
+    assert emb.shape == (2, TINY.text_encoder.max_length, TINY.text_encoder.d_model)
+    assert mask[0].sum() > mask[1].sum() >= 1        # eos only for the empty prompt
+    long = " ".join(["red circle"] * 50)
+    _, mask = tiny_model.text_encoder.encode([long])
+    assert mask.sum() == TINY.text_encoder.max_length  # truncated
+    check_close(emb[0], tiny_model.text_encoder.encode(["a red circle"])[0][0], "reference_exact")
