@@ -1,0 +1,244 @@
+"""The samplers against diffusers' schedulers, configured with the training schedule.
+
+Two kinds of trajectory comparison:
+
+- closed loop: each implementation denoises its own latents with the same fake model
+  (an exact denoiser towards fixed data plus a smooth perturbation), as in a real
+  pipeline. Model inputs at every step and the final sample must agree to 1e-5.
+- teacher forced: both get the same random eps at every step, whatever their latents.
+  Nothing pulls the trajectory back, so float32 rounding from the noisy steps is
+  amplified by up to 1 / sqrt(abar_first) (~100x); diffusers' own float32 result is
+  ~5e-5 away from its float64 result at 25 steps. The check is therefore relative
+  to the trajectory's scale, where a wrong coefficient would still show as >1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyanimate_rt.errors import InputError
+from easyanimate_rt.reference.samplers import SAMPLERS, NoiseSchedule, make_sampler
+
+TOL = {
+    "closed_loop_abs": 1e-5,  # model inputs and final sample, closed loop
+    "forced_rel": 1e-5,  # max |dx| / max |x_ref| per step, teacher forced
+    "add_noise_abs": 1e-6,
+}
+STEPS = (7, 25, 30)
+# One or two steps jump from t=999 straight to x0, multiplying rounding by 1/sqrt(abar_999)
+# ~ 157 in both implementations: only the scale-relative check is meaningful there.
+FEW_STEPS = (1, 2)
+SHAPE = (1, 4, 2, 8, 8)  # (B, C, F, H, W)
+TRAIN = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", steps_offset=1)
+
+
+def reference(name: str):
+    """The diffusers scheduler ``name`` corresponds to, otherwise at its defaults."""
+    diffusers = pytest.importorskip("diffusers")  # a test-only dependency
+    if name == "ddim":
+        return diffusers.DDIMScheduler(**TRAIN, clip_sample=False)
+    if name == "euler":
+        return diffusers.EulerDiscreteScheduler(**TRAIN)
+    if name == "euler_a":
+        return diffusers.EulerAncestralDiscreteScheduler(**TRAIN)
+    if name == "dpm++":
+        return diffusers.DPMSolverMultistepScheduler(
+            **TRAIN, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True
+        )
+    raise AssertionError(name)
+
+
+ABAR = NoiseSchedule().alphas_cumprod
+DATA = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7)).clamp(-2, 2)
+
+
+def fake_model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """eps of an exact denoiser towards DATA, plus a smooth x- and t-dependent term."""
+    abar = float(ABAR[round(float(t))])
+    return (x_in - abar**0.5 * DATA) / (1 - abar) ** 0.5 + 0.1 * torch.sin(2 * x_in + float(t) / 100)
+
+
+def run_pair(name: str, num_steps: int, forced: bool):
+    """Run ours and diffusers side by side; yield (ours, theirs, model inputs, latents) per step."""
+    ours, theirs = make_sampler(name, num_steps), reference(name)
+    theirs.set_timesteps(num_steps)
+    assert ours.timesteps.dtype == theirs.timesteps.dtype
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    assert ours.init_noise_sigma == float(theirs.init_noise_sigma)
+
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    x_a, x_b = latents * ours.init_noise_sigma, latents * theirs.init_noise_sigma
+    # Same seed, same draws: diffusers' ancestral step calls torch.randn(shape, generator=...).
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    gen_eps = torch.Generator().manual_seed(2)
+    for i in range(num_steps):
+        t = theirs.timesteps[i]
+        in_a, in_b = ours.scale_model_input(x_a, i), theirs.scale_model_input(x_b, t)
+        if forced:
+            eps_a = eps_b = torch.randn(SHAPE, generator=gen_eps)
+        else:
+            eps_a, eps_b = fake_model(in_a, ours.timesteps[i]), fake_model(in_b, t)
+        noise = torch.randn(SHAPE, generator=gen_a) if ours.needs_noise else None
+        kwargs = {"generator": gen_b} if name == "euler_a" else {}
+        x_a = ours.step(i, x_a, eps_a, noise)
+        x_b = theirs.step(eps_b, t, x_b, **kwargs).prev_sample
+        yield in_a, in_b, x_a, x_b
+
+
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_matches_diffusers_closed_loop(name, num_steps):
+    worst = 0.0
+    for in_a, in_b, x_a, x_b in run_pair(name, num_steps, forced=False):
+        worst = max(worst, (in_a - in_b).abs().max().item())
+    worst = max(worst, (x_a - x_b).abs().max().item())
+    assert worst <= TOL["closed_loop_abs"], f"{name} x{num_steps}: max abs diff {worst:.3g}"
+    assert (x_b - DATA).abs().max() < 0.1  # the fake model pulls every sampler onto DATA
+
+
+@pytest.mark.parametrize("num_steps", FEW_STEPS + STEPS)
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_matches_diffusers_teacher_forced(name, num_steps):
+    worst = 0.0
+    for _, _, x_a, x_b in run_pair(name, num_steps, forced=True):
+        worst = max(worst, (x_a - x_b).abs().max().item() / max(1.0, x_b.abs().max().item()))
+    assert worst <= TOL["forced_rel"], f"{name} x{num_steps}: max relative diff {worst:.3g}"
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_tensor_index_equals_int_index(name):
+    by_int, by_tensor = make_sampler(name, 9), make_sampler(name, 9)
+    gen = torch.Generator().manual_seed(3)
+    x_int = x_tensor = torch.randn(SHAPE, generator=gen) * by_int.init_noise_sigma
+    for i in range(9):
+        eps, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+        index = torch.tensor(i)
+        assert torch.equal(by_int.scale_model_input(x_int, i), by_tensor.scale_model_input(x_tensor, index))
+        x_int = by_int.step(i, x_int, eps, noise)
+        x_tensor = by_tensor.step(index, x_tensor, eps, noise)
+        assert torch.equal(x_int, x_tensor), f"{name} step {i}"
+
+
+def test_dpm_reset_restarts_the_multistep_history():
+    sampler = make_sampler("dpm++", 6)
+    gen = torch.Generator().manual_seed(4)
+    x_start = torch.randn(SHAPE, generator=gen)
+    eps = [torch.randn(SHAPE, generator=gen) for _ in range(6)]
+
+    def trajectory():
+        x = x_start
+        for i in range(6):
+            x = sampler.step(i, x, eps[i])
+        return x
+
+    first = trajectory()
+    sampler.reset()
+    assert torch.equal(trajectory(), first)
+
+
+def test_step_keeps_dtype_and_does_not_touch_inputs():
+    sampler = make_sampler("ddim", 5)
+    x = torch.randn(SHAPE, dtype=torch.bfloat16)
+    eps = torch.randn(SHAPE, dtype=torch.bfloat16)
+    x_copy = x.clone()
+    out = sampler.step(0, x, eps)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert torch.equal(x, x_copy)
+
+
+@pytest.mark.parametrize("t", [0, 500, 999, torch.tensor(321), torch.tensor([0, 17, 500, 999])])
+def test_add_noise_matches_diffusers(t):
+    gen = torch.Generator().manual_seed(5)
+    batch = t.numel() if isinstance(t, torch.Tensor) and t.dim() else 1
+    x0 = torch.randn(batch, 4, 2, 8, 8, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    expected = reference("ddim").add_noise(x0, noise, torch.as_tensor(t).reshape(-1))
+    got = NoiseSchedule().add_noise(x0, noise, t)
+    torch.testing.assert_close(got, expected, atol=TOL["add_noise_abs"], rtol=0)
+
+
+def test_schedule_matches_diffusers_training_tables():
+    ours, theirs = NoiseSchedule(), reference("ddim")
+    assert torch.equal(ours.betas, theirs.betas)
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+
+
+def test_unknown_sampler_lists_known_ones():
+    with pytest.raises(InputError) as err:
+        make_sampler("heun", 25)
+    for name in SAMPLERS:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, True])
+def test_bad_step_count(steps):
+    with pytest.raises(InputError, match="num_steps"):
+        make_sampler("dpm++", steps)
+
+
+def test_ddim_refuses_a_timestep_past_the_schedule():
+    # 1000 leading steps plus steps_offset 1 would ask for timestep 1000.
+    with pytest.raises(InputError, match="timestep 1000"):
+        make_sampler("ddim", 1000)
+
+
+def test_euler_ancestral_requires_noise():
+    sampler = make_sampler("euler_a", 4)
+    assert sampler.needs_noise and not make_sampler("euler", 4).needs_noise
+    with pytest.raises(InputError, match="noise"):
+        sampler.step(0, torch.zeros(SHAPE), torch.zeros(SHAPE))
+
+
+def test_int_index_out_of_range():
+    with pytest.raises(InputError, match="step index"):
+        make_sampler("euler", 4).step(4, torch.zeros(SHAPE), torch.zeros(SHAPE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_step_is_cuda_graph_capturable(name):
+    """A step indexed by a device tensor captures once and replays for every step."""
+    device = torch.device("cuda")
+    sampler, eager = make_sampler(name, 8, device=device), make_sampler(name, 8, device=device)
+    gen = torch.Generator(device=device).manual_seed(6)
+    x0 = torch.randn(SHAPE, device=device, generator=gen) * sampler.init_noise_sigma
+    eps_all = torch.randn((8, *SHAPE), device=device, generator=gen)
+    noise_all = torch.randn((8, *SHAPE), device=device, generator=gen)
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    x, x_in = x0.clone(), torch.empty_like(x0)
+    eps, noise = torch.empty_like(x0), torch.empty_like(x0)
+
+    def body():
+        x_in.copy_(sampler.scale_model_input(x, index))
+        x.copy_(sampler.step(index, x, eps, noise))
+
+    eps.copy_(eps_all[0])
+    noise.copy_(noise_all[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up: allocates the DPM++ history buffer
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+
+    sampler.reset()
+    x.copy_(x0)
+    x_ref = x0.clone()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync during replay raises
+    try:
+        for i in range(8):
+            index.fill_(i)
+            eps.copy_(eps_all[i])
+            noise.copy_(noise_all[i])
+            graph.replay()
+            in_ref = eager.scale_model_input(x_ref, i)
+            x_ref = eager.step(i, x_ref, eps_all[i], noise_all[i])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scale = max(1.0, x_ref.abs().max().item())
+    torch.testing.assert_close(x_in, in_ref, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(x, x_ref, atol=1e-5 * scale, rtol=0)
