@@ -1,0 +1,198 @@
+"""Run one data-pipeline stage over many inputs: in parallel, resumable, never fatal per file.
+
+A stage is a picklable ``Task``: ``check()`` runs once in the calling process (cheap
+validation: paths exist, libraries import), ``setup()`` runs once in each worker
+(loads models), and calling it on one input returns the manifest records it produced.
+
+Resumability. The output manifest and a ledger beside it (``<name>.log.jsonl``) are
+appended line by line with fsync, always records first, then the ledger line that says
+the input is finished. A rerun skips every input with an ``ok`` ledger line, and
+never appends a record whose ``path`` is already in the manifest, so a run killed at
+any instant loses nothing written and leaves no duplicates. Inputs that failed are
+recorded in the ledger as ``error`` (with the message) and retried by the next run.
+
+Only the calling process writes; workers only compute.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from easyanimate_rt.errors import EasyAnimateError, InputError
+from easyanimate_rt.data.manifest import append_jsonl, append_records, manifest_paths
+
+logger = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    name: str
+
+    def check(self) -> None: ...
+
+    def setup(self, threads: int) -> None: ...
+
+    def __call__(self, item: Any) -> list[dict]: ...
+
+
+@dataclass
+class StageReport:
+    """What one run of a stage did."""
+
+    stage: str
+    total: int = 0  # inputs given
+    skipped: int = 0  # already finished by an earlier run
+    done: int = 0  # finished by this run
+    written: int = 0  # records appended by this run
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (input key, message)
+
+    @property
+    def ok(self) -> bool:
+        """False only when every input failed (none finished, in this run or before)."""
+        return not (self.failed and self.done == 0 and self.skipped == 0)
+
+
+def ledger_path(manifest: str | Path) -> Path:
+    manifest = Path(manifest)
+    stem = manifest.name[: -len(".jsonl")] if manifest.name.endswith(".jsonl") else manifest.name
+    return manifest.with_name(f"{stem}.log.jsonl")
+
+
+def finished_keys(ledger: str | Path) -> set[str]:
+    """Keys with an ``ok`` line in a ledger (a torn last line is ignored)."""
+    ledger = Path(ledger)
+    keys: set[str] = set()
+    if not ledger.is_file():
+        return keys
+    for line in ledger.read_text(encoding="utf-8").split("\n"):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # blank, or torn by a kill
+        if isinstance(entry, dict) and entry.get("status") == "ok":
+            keys.add(str(entry.get("key")))
+    return keys
+
+
+# Worker-process state: the task, set up once per process by the pool initializer.
+_WORKER_TASK: Task | None = None
+
+
+def _init_worker(task: Task, threads: int) -> None:
+    global _WORKER_TASK
+    task.setup(threads)
+    _WORKER_TASK = task
+
+
+def _run_in_worker(item: Any) -> list[dict]:
+    assert _WORKER_TASK is not None
+    return _WORKER_TASK(item)
+
+
+def unique_items(records) -> list[tuple[str, dict]]:
+    """(path, record dict) per clip, keeping the first record of a path listed twice."""
+    items: dict[str, dict] = {}
+    for record in records:
+        if record.path in items:
+            logger.warning("clip %s is listed twice; using its first record", record.path)
+            continue
+        items[record.path] = record.to_dict()
+    return list(items.items())
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_stage(task: Task, items: Sequence[tuple[str, Any]], manifest: str | Path, *,
+              workers: int = 1, progress: bool = False) -> StageReport:
+    """Run ``task`` on each ``(key, item)`` not yet finished; append results to ``manifest``."""
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+    manifest = Path(manifest)
+    ledger = ledger_path(manifest)
+    report = StageReport(stage=task.name, total=len(items))
+    done_keys = finished_keys(ledger)
+    todo = [(k, it) for k, it in items if k not in done_keys]
+    report.skipped = len(items) - len(todo)
+    if not todo:
+        return report
+    task.check()
+    written = manifest_paths(manifest)
+
+    def commit(key: str, records: list[dict] | None, error: str | None) -> None:
+        if error is not None:
+            logger.warning("%s: skipped %s: %s", task.name, key, error)
+            report.failed.append((key, error))
+            append_jsonl(ledger, [{"key": key, "status": "error", "error": error}])
+            return
+        fresh = [r for r in records or [] if r["path"] not in written]
+        report.written += append_records(manifest, fresh)
+        written.update(r["path"] for r in fresh)
+        append_jsonl(ledger, [{"key": key, "status": "ok", "records": len(records or [])}])
+        report.done += 1
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=task.name, unit="file", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers == 1:
+            task.setup(_threads_per_worker(1))
+            for key, item in todo:
+                try:
+                    records = task(item)
+                except Exception as e:  # one bad file never stops the batch
+                    commit(key, None, _describe(e))
+                else:
+                    commit(key, records, None)
+                bar.update(1)
+        else:
+            _run_pool(task, todo, workers, commit, bar)
+    finally:
+        bar.close()
+    return report
+
+
+def _run_pool(task: Task, todo: list[tuple[str, Any]], workers: int, commit, bar) -> None:
+    # spawn, not fork: the parent may hold threads (ffmpeg readers, torch, onnxruntime).
+    ctx = multiprocessing.get_context("spawn")
+    max_in_flight = 4 * workers
+    pending = iter(todo)
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(task, _threads_per_worker(workers))) as pool:
+        in_flight: dict[cf.Future, str] = {}
+
+        def refill() -> None:
+            for key, item in pending:
+                in_flight[pool.submit(_run_in_worker, item)] = key
+                if len(in_flight) >= max_in_flight:
+                    break
+
+        refill()
+        while in_flight:
+            finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                key = in_flight.pop(fut)
+                try:
+                    records = fut.result()
+                except cf.process.BrokenProcessPool as e:
+                    raise EasyAnimateError(
+                        f"{task.name}: a worker process died ({e}); finished work is saved, rerun to resume"
+                    ) from e
+                except Exception as e:
+                    commit(key, None, _describe(e))
+                else:
+                    commit(key, records, None)
+                bar.update(1)
+            refill()
+
+
+def _describe(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
