@@ -346,7 +346,21 @@ _TINY_DIT = DiTConfig(num_layers=4, num_attention_heads=2, attention_head_dim=16
 # hybrid motion module with 16 temporal heads.
 _V2_512 = DiTConfig(sample_size=64, temporal_num_heads=8, temporal_block_size=2)
 
+# The shipped default model (issue 3): 64x64 pixels, 17 frames at 8 fps, trained here on
+# the synthetic moving-shapes world. Small enough to train and run on a 2-core CPU.
+_SHAPES = ModelConfig(
+    name="shapes",
+    text_encoder=TextEncoderConfig(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=32, max_length=24),
+    vae=VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+    dit=DiTConfig(num_layers=8, num_attention_heads=4, attention_head_dim=32, caption_channels=64,
+                  sample_size=8, temporal_num_heads=4, temporal_block_size=2, temporal_max_positions=64),
+    sampling=SamplingDefaults(height=64, width=64, frames=17, fps=8, steps=25, guidance_scale=4.5),
+)
+
 PRESETS: dict[str, ModelConfig] = {
+    "shapes": _SHAPES,
     "tiny": ModelConfig(
         name="tiny", text_encoder=_TINY_TEXT, vae=_TINY_VAE, dit=_TINY_DIT,
         sampling=SamplingDefaults(height=64, width=64, frames=9, fps=8, steps=5, guidance_scale=4.0),

@@ -1,0 +1,142 @@
+"""``easyanimate-rt train ...``: the shapes recipe, and VAE / DiT training on a manifest.
+
+Multi-process: launch under ``torchrun --nproc-per-node N -m easyanimate_rt train ...``
+(DDP; gloo on CPU, NCCL on GPU; ``--fsdp`` for release sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ...errors import InputError
+from .common import TrainingInterrupted
+
+
+def _interrupted(exc: TrainingInterrupted) -> int:
+    print(f"interrupted: {exc}")
+    return 130
+
+
+def cmd_train_shapes(args: argparse.Namespace) -> int:
+    from .recipe import ShapesRecipe, train_shapes
+
+    recipe = ShapesRecipe(scale=args.scale, seed=args.seed)
+    try:
+        out = train_shapes(args.out, args.run, recipe, resume=not args.no_resume)
+    except TrainingInterrupted as exc:
+        return _interrupted(exc)
+    print(f"model written to {out}")
+    return 0
+
+
+def _load_base(model: str):
+    from ..config import from_preset
+    from ..weights import load_model, random_model
+
+    return load_model(model) if Path(model).is_dir() else random_model(from_preset(model))
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from ..weights import save_model
+    from .datasets import ManifestDataset
+    from .vae_trainer import VAETrainConfig, train_vae
+
+    model = _load_base(args.model)
+    h = w = args.size
+    stills = ManifestDataset(args.manifest, 1, h, w)
+    clips = ManifestDataset(args.manifest, args.frames, h, w)
+    cfg = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, decoder_only=args.decoder_only,
+                         gan_start=args.gan_start, lpips_path=args.lpips, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, bf16=args.bf16)
+    try:
+        model.vae = train_vae(model.vae, stills, clips, cfg, args.run, resume=not args.no_resume)
+    except TrainingInterrupted as exc:
+        return _interrupted(exc)
+    save_model(model, args.out)
+    print(f"model written to {args.out}")
+    return 0
+
+
+def cmd_train_dit(args: argparse.Namespace) -> int:
+    from ..weights import load_pixart_backbone, save_model
+    from .datasets import ManifestDataset
+    from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
+
+    model = _load_base(args.model)
+    if args.pixart:
+        load_pixart_backbone(model.dit, args.pixart)
+    f, s, lr, b = args.frames, args.size, args.lr, args.batch_size
+    stages = (
+        DiTStage("1-images", args.image_steps, s, s, frames=1, lr=lr, batch_size=b),
+        DiTStage("2-video-lowres", args.lowres_steps, s // 2, s // 2, frames=f, image_fraction=0.1,
+                 train="motion" if args.motion_only else "all", lr=lr, batch_size=b),
+        DiTStage("3-video", args.video_steps, s, s, frames=f, image_fraction=0.1, lr=lr, batch_size=b),
+    )
+    stages = tuple(st for st in stages if st.steps > 0)
+    if not stages:
+        raise InputError("at least one of --image-steps, --lowres-steps, --video-steps must be > 0")
+    cfg = DiTTrainConfig(stages=stages, seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
+                         gradient_checkpointing=args.grad_checkpointing, fsdp=args.fsdp,
+                         cache_size=args.cache_size)
+
+    def sources(stage: DiTStage):
+        return (ManifestDataset(args.manifest, 1, stage.height, stage.width),
+                ManifestDataset(args.manifest, stage.frames, stage.height, stage.width))
+
+    try:
+        model.dit = train_dit(model.dit, model.vae, model.text_encoder, sources, cfg, args.run,
+                              resume=not args.no_resume)
+    except TrainingInterrupted as exc:
+        return _interrupted(exc)
+    save_model(model, args.out)
+    print(f"model written to {args.out}")
+    return 0
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train models (shapes recipe, VAE, DiT)")
+    tsub = p.add_subparsers(dest="train_command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run", required=True, help="run folder: checkpoints, metrics.csv, caches")
+    common.add_argument("--out", required=True, help="model directory to write at the end")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --run")
+
+    q = tsub.add_parser("shapes", parents=[common], help="train the shipped shapes model end to end")
+    q.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01 = smoke run)")
+    q.set_defaults(func=cmd_train_shapes)
+
+    manifest = argparse.ArgumentParser(add_help=False)
+    manifest.add_argument("--manifest", required=True, help="JSONL manifest (data pipeline output)")
+    manifest.add_argument("--model", required=True, help="model directory or preset to start from")
+    manifest.add_argument("--size", type=int, default=256, help="training resolution (square)")
+    manifest.add_argument("--frames", type=int, default=25, help="clip length, 1 + 8k")
+    manifest.add_argument("--batch-size", type=int, default=4)
+    manifest.add_argument("--checkpoint-every", type=int, default=500)
+    manifest.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+
+    q = tsub.add_parser("vae", parents=[common, manifest], help="train the Slice VAE on a manifest")
+    q.add_argument("--steps", type=int, default=10000)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--decoder-only", action="store_true", help="stage 2: freeze the encoder")
+    q.add_argument("--gan-start", type=int, default=None, help="step at which the GAN loss switches on")
+    q.add_argument("--lpips", help="local LPIPS weights file (VGG16)")
+    q.set_defaults(func=cmd_train_vae)
+
+    q = tsub.add_parser("dit", parents=[common, manifest], help="train the DiT (three stages) on a manifest")
+    q.add_argument("--pixart", help="PixArt-alpha transformer (diffusers layout) to initialise the backbone")
+    q.add_argument("--image-steps", type=int, default=1000)
+    q.add_argument("--lowres-steps", type=int, default=1000)
+    q.add_argument("--video-steps", type=int, default=2000)
+    q.add_argument("--motion-only", action="store_true", help="stage 2 trains only motion modules and skips")
+    q.add_argument("--lr", type=float, default=2e-5)
+    q.add_argument("--cache-size", type=int, default=512)
+    q.add_argument("--grad-checkpointing", action="store_true")
+    q.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP under torchrun")
+    q.set_defaults(func=cmd_train_dit)
+
+
+__all__ = ["add_train_parser", "dataclasses"]

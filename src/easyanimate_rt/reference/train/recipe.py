@@ -1,0 +1,138 @@
+"""The recipe that trains the shipped ``shapes`` model end to end.
+
+1. tokenizer: sentencepiece trained on every caption the synthetic world can make;
+2. text encoder: a small T5 with random weights, frozen (the DiT learns to read it);
+3. Slice VAE: stage 1 whole VAE, stage 2 decoder only;
+4. DiT: the paper's three stages (images; low-resolution video; full video);
+5. the model directory (EMA DiT weights), written atomically.
+
+Each phase keeps its own checkpoints under RUN/, so an interrupted recipe resumes where
+it stopped (``--resume``) and finished phases are not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig, from_preset
+from ..dit import VideoDiT
+from ..text import TextEncoder, load_tokenizer, train_tokenizer
+from ..vae import SliceVAE
+from ..weights import EasyAnimateModel, save_model
+from .common import DistEnv, init_distributed, latest_checkpoint, load_checkpoint
+from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
+from .vae_trainer import VAETrainConfig, train_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShapesRecipe:
+    """Step counts and batch sizes; ``scale`` multiplies every step count (0.01 = smoke)."""
+
+    preset: str = "shapes"
+    size: int = 64
+    frames: int = 17
+    vae_steps: int = 1500
+    vae_decoder_steps: int = 300
+    vae_batch: int = 4
+    vae_lr: float = 2e-4               # small VAE trained from scratch: twice the paper's 1e-4
+    vae_clip_frames: int = 9
+    dit_image_steps: int = 800
+    dit_lowres_steps: int = 600
+    dit_video_steps: int = 1600
+    dit_batch: int = 16
+    dit_lr: float = 3e-4               # from-scratch backbone, small model: higher than PixArt's 2e-5
+    cache_size: int = 2048
+    seed: int = 0
+    scale: float = 1.0
+
+    def steps(self, n: int) -> int:
+        return max(1, round(n * self.scale))
+
+
+def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe = ShapesRecipe(),
+                 env: DistEnv | None = None, resume: bool = True, progress: bool = True) -> Path:
+    """Run the whole recipe; returns the model directory."""
+    from .datasets import shapes_sources
+    from .synthetic import caption_corpus
+
+    env = env or init_distributed()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config: ModelConfig = from_preset(recipe.preset)
+    times: dict[str, float] = {}
+    torch.manual_seed(recipe.seed)
+
+    # 1-2. tokenizer and frozen text encoder
+    t0 = time.perf_counter()
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "spiece.model").exists():
+        train_tokenizer(caption_corpus() + [""], tok_dir, vocab_size=config.text_encoder.vocab_size)
+    text_dir = run_dir / "text_encoder"
+    if (text_dir / "config.json").exists():
+        text = TextEncoder.from_pretrained(text_dir, tok_dir, config.text_encoder)
+    else:
+        torch.manual_seed(recipe.seed)
+        text = TextEncoder(config.text_encoder, load_tokenizer(tok_dir))
+        text.model.save_pretrained(str(text_dir), safe_serialization=True)
+
+    # 3. VAE
+    vae = SliceVAE(config.vae)
+    stills, clips = shapes_sources(recipe.vae_clip_frames, recipe.size, 100_000, recipe.seed)
+    s1 = VAETrainConfig(steps=recipe.steps(recipe.vae_steps), batch_size=recipe.vae_batch, lr=recipe.vae_lr,
+                        seed=recipe.seed,
+                        checkpoint_every=100, log_every=10)
+    vae = train_vae(vae, stills, clips, s1, run_dir / "vae", env, resume, progress)
+    s2 = dataclasses.replace(s1, steps=recipe.steps(recipe.vae_decoder_steps), decoder_only=True,
+                             seed=recipe.seed + 1, image_fraction=0.25)
+    # Stage 2 starts from stage 1's weights (loaded above) unless it has its own checkpoint.
+    vae = train_vae(vae, stills, clips, s2, run_dir / "vae_decoder", env, resume, progress)
+    times["vae"] = time.perf_counter() - t0
+
+    # 4. DiT, three stages
+    t1 = time.perf_counter()
+    dit = VideoDiT(config.dit)
+    low = recipe.size // 2
+    stages = (
+        DiTStage("1-images", recipe.steps(recipe.dit_image_steps), recipe.size, recipe.size, frames=1,
+                 lr=recipe.dit_lr, batch_size=recipe.dit_batch * 2),
+        DiTStage("2-video-lowres", recipe.steps(recipe.dit_lowres_steps), low, low, frames=recipe.frames,
+                 image_fraction=0.1, train="all", lr=recipe.dit_lr, batch_size=recipe.dit_batch),
+        DiTStage("3-video", recipe.steps(recipe.dit_video_steps), recipe.size, recipe.size,
+                 frames=recipe.frames, image_fraction=0.1, lr=recipe.dit_lr, batch_size=recipe.dit_batch),
+    )
+    dcfg = DiTTrainConfig(stages=stages, warmup_steps=min(100, stages[0].steps), ema_decay=0.995,
+                          cache_size=recipe.cache_size, seed=recipe.seed, checkpoint_every=100, log_every=10)
+
+    def sources(stage: DiTStage):
+        return shapes_sources(stage.frames, stage.height, recipe.cache_size, recipe.seed + 7)
+
+    dit = train_dit(dit, vae, text, sources, dcfg, run_dir / "dit", env, resume, progress)
+    times["dit"] = time.perf_counter() - t1
+
+    # 5. the model directory
+    model = EasyAnimateModel(config, text, vae.cpu().float(), dit.cpu().float())
+    if env.is_main:
+        save_model(model, out_dir)
+        (run_dir / "recipe.json").write_text(json.dumps(
+            {"recipe": dataclasses.asdict(recipe), "seconds": times, "threads": torch.get_num_threads(),
+             "device": str(env.device)}, indent=2))
+    return out_dir
+
+
+def load_phase_weights(module: torch.nn.Module, run_dir: str | Path, ema: bool = False) -> bool:
+    """Load the newest checkpoint of a phase into ``module``; False when there is none."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return False
+    weights, _, ema_state = load_checkpoint(ckpt)
+    module.load_state_dict(ema_state if ema and ema_state is not None else weights)
+    return True
