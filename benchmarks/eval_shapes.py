@@ -55,7 +55,8 @@ def main(argv=None) -> int:
           f"{report.seconds_per_video:.2f} s/video on {args.device} ({torch.get_num_threads()} threads)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"summary": summary, "rows": report.rows}, f, indent=1)
+            json.dump({"summary": summary, "rows": report.rows}, f, indent=1,
+                      default=lambda o: o.item() if hasattr(o, "item") else str(o))
     return 0 if ok else 1
 
 

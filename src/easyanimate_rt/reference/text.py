@@ -77,7 +77,9 @@ class TextEncoder(nn.Module):
                         dtype: torch.dtype = torch.float32) -> "TextEncoder":
         """Load a T5 encoder saved in the transformers layout and its tokenizer."""
         from transformers import T5EncoderModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # the CLI shows its own progress
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").exists():
             raise CheckpointError(f"text encoder directory {model_dir} has no config.json")

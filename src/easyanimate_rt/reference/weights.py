@@ -117,9 +117,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 # --- our model directory -----------------------------------------------------------------
 
-def save_model(model: EasyAnimateModel, out_dir: str | Path) -> Path:
+def save_model(model: EasyAnimateModel, out_dir: str | Path, weights_dtype: torch.dtype | None = None) -> Path:
     """Write a model directory. Each file is written atomically; the whole directory is
-    assembled under a temporary name and renamed, so readers never see half a model."""
+    assembled under a temporary name and renamed, so readers never see half a model.
+
+    ``weights_dtype`` (e.g. float16) stores the DiT and VAE floating-point tensors in a
+    smaller type; loading casts them back to the modules' dtype."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if tmp.exists():
@@ -128,7 +131,10 @@ def save_model(model: EasyAnimateModel, out_dir: str | Path) -> Path:
     for sub, net in (("transformer", model.dit), ("vae", model.vae)):
         atomic_write_text(tmp / sub / "config.json",
                           json.dumps(net.config.to_dict(), indent=2, sort_keys=True) + "\n")
-        atomic_save_safetensors(net.state_dict(), tmp / sub / WEIGHTS_NAME)
+        state = net.state_dict()
+        if weights_dtype is not None:
+            state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        atomic_save_safetensors(state, tmp / sub / WEIGHTS_NAME)
     model.text_encoder.save_pretrained(tmp / "text_encoder", tmp / "tokenizer")
     atomic_write_text(tmp / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     if out_dir.exists():

@@ -24,10 +24,11 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
 
     recipe = ShapesRecipe(scale=args.scale, seed=args.seed)
     try:
-        out = train_shapes(args.out, args.run, recipe, resume=not args.no_resume)
+        out = train_shapes(args.out, args.run, recipe, resume=not args.no_resume,
+                           phases=tuple(args.phases.split(",")))
     except TrainingInterrupted as exc:
         return _interrupted(exc)
-    print(f"model written to {out}")
+    print(f"model written to {out}" if out else f"phases {args.phases} done; checkpoints in {args.run}")
     return 0
 
 
@@ -107,6 +108,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
     q = tsub.add_parser("shapes", parents=[common], help="train the shipped shapes model end to end")
     q.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01 = smoke run)")
+    q.add_argument("--phases", default="vae,dit", help="vae,dit (default) or vae: stop after the VAE")
     q.set_defaults(func=cmd_train_shapes)
 
     manifest = argparse.ArgumentParser(add_help=False)

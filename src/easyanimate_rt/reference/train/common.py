@@ -105,8 +105,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for k, p in module.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+        params = [p.detach().float() for _, p in module.named_parameters()]
+        torch._foreach_lerp_(list(self.shadow.values()), params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -284,11 +284,6 @@ def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / env.world_size for k, v in zip(values, t)}
-
-
-def grad_norm(params: Iterable[torch.Tensor]) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def cycle_indices(n: int, seed: int, start: int) -> Iterator[int]:

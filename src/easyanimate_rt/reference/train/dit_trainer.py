@@ -32,7 +32,7 @@ from ..io import atomic_path
 from ..samplers import NoiseSchedule
 from ..text import TextEncoder
 from ..vae import SliceVAE
-from .common import (EMA, DistEnv, MetricsLog, autocast, grad_norm, init_distributed, latest_checkpoint,
+from .common import (EMA, DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint,
                      load_checkpoint, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
 from .losses import DiffusionLoss
 
@@ -184,7 +184,8 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
         if i not in caches:
             st = cfg.stages[i]
             stills, clips = sources(st)
-            key = f"{st.height}x{st.width}x{st.frames}-n{cfg.cache_size}-s{cfg.seed}"
+            key = (f"{st.height}x{st.width}x{st.frames}-n{cfg.cache_size}-s{cfg.seed}"
+                   f"-z{vae.config.scaling_factor:.5g}")
             mk = lambda src: lambda: build_cache(src, vae, text_encoder, cfg.cache_size, device,  # noqa: E731
                                                  progress=progress and env.is_main)
             root = run_dir / "cache"
@@ -193,7 +194,8 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
             img = _cached(root / f"images-{key}.pt", mk(stills))
             vid = img if st.frames == 1 else _cached(root / f"clips-{key}.pt", mk(clips))
             caches.clear()
-            caches[i] = (img, vid)
+            to = lambda c: LatentCache(c.latents.to(device), c.text.to(device), c.mask.to(device))  # noqa: E731
+            caches[i] = (to(img), to(vid)) if vid is not img else (to(img),) * 2
         return caches[i]
 
     wrapped: dict[int, torch.nn.Module] = {}
@@ -227,12 +229,12 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
         idx = torch.randint(len(cache.latents), (b * world,), generator=g)
         drop = torch.rand(b * world, generator=g) < cfg.caption_dropout
         t = torch.randint(0, schedule.num_train_timesteps, (b * world,), generator=g)
-        x0 = cache.latents[idx][:, :, :n_lat]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = torch.randn((b * world, *cache.latents.shape[1:2], n_lat, *cache.latents.shape[3:]), generator=g)
         share = slice(rank * b, (rank + 1) * b)
-        x0, noise, t, idx, drop = x0[share].to(device), noise[share].to(device), t[share].to(device), \
-            idx[share], drop[share].to(device)
-        text, mask = cache.text[idx].to(device), cache.mask[idx].to(device)
+        idx = idx[share].to(device)
+        x0 = cache.latents[idx][:, :, :n_lat]
+        noise, t, drop = noise[share].to(device), t[share].to(device), drop[share].to(device)
+        text, mask = cache.text[idx], cache.mask[idx]
         text = torch.where(drop[:, None, None], empty_emb.to(text.dtype), text)
         mask = torch.where(drop[:, None], empty_mask.to(mask.dtype), mask)
         # 2. forward / backward
@@ -245,8 +247,7 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in dit.parameters() if p.grad is not None]
-        values["grad_norm"] = grad_norm(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()
         # EMA with a warm-up so early checkpoints are not dominated by the init.
         ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))

@@ -40,17 +40,19 @@ class ShapesRecipe:
     preset: str = "shapes"
     size: int = 64
     frames: int = 17
-    vae_steps: int = 1500
-    vae_decoder_steps: int = 300
+    vae_steps: int = 7000
+    vae_decoder_steps: int = 500
     vae_batch: int = 4
-    vae_lr: float = 2e-4               # small VAE trained from scratch: twice the paper's 1e-4
+    vae_lr: float = 3e-4               # small VAE trained from scratch: above the paper's 1e-4
+    vae_mse_weight: float = 2.0        # L1 alone learns the background before the objects
     vae_clip_frames: int = 9
     dit_image_steps: int = 800
     dit_lowres_steps: int = 600
     dit_video_steps: int = 1600
     dit_batch: int = 16
     dit_lr: float = 3e-4               # from-scratch backbone, small model: higher than PixArt's 2e-5
-    cache_size: int = 2048
+    cache_size: int = 1024
+    scale_clips: int = 64              # clips that set the latent scaling factor
     seed: int = 0
     scale: float = 1.0
 
@@ -59,8 +61,10 @@ class ShapesRecipe:
 
 
 def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe = ShapesRecipe(),
-                 env: DistEnv | None = None, resume: bool = True, progress: bool = True) -> Path:
-    """Run the whole recipe; returns the model directory."""
+                 env: DistEnv | None = None, resume: bool = True, progress: bool = True,
+                 phases: tuple[str, ...] = ("vae", "dit")) -> Path | None:
+    """Run the recipe; returns the model directory (None when ``phases`` stops before
+    the DiT, e.g. to train the VAE on one machine and the DiT on another)."""
     from .datasets import shapes_sources
     from .synthetic import caption_corpus
 
@@ -88,7 +92,7 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
     vae = SliceVAE(config.vae)
     stills, clips = shapes_sources(recipe.vae_clip_frames, recipe.size, 100_000, recipe.seed)
     s1 = VAETrainConfig(steps=recipe.steps(recipe.vae_steps), batch_size=recipe.vae_batch, lr=recipe.vae_lr,
-                        seed=recipe.seed,
+                        mse_weight=recipe.vae_mse_weight, seed=recipe.seed,
                         checkpoint_every=100, log_every=10)
     vae = train_vae(vae, stills, clips, s1, run_dir / "vae", env, resume, progress)
     s2 = dataclasses.replace(s1, steps=recipe.steps(recipe.vae_decoder_steps), decoder_only=True,
@@ -96,6 +100,14 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
     # Stage 2 starts from stage 1's weights (loaded above) unless it has its own checkpoint.
     vae = train_vae(vae, stills, clips, s2, run_dir / "vae_decoder", env, resume, progress)
     times["vae"] = time.perf_counter() - t0
+    if "dit" not in phases:
+        return None
+    # The diffusion schedule assumes unit-variance data: measure this VAE's latent scale
+    # (the release VAE's 0.18215 is specific to it) and store it in the config.
+    scale = latent_scaling_factor(vae, clips, recipe.scale_clips)
+    vae.config = dataclasses.replace(vae.config, scaling_factor=scale)
+    config = dataclasses.replace(config, vae=vae.config)
+    log.info("latent scaling factor %.5f", scale)
 
     # 4. DiT, three stages
     t1 = time.perf_counter()
@@ -126,6 +138,16 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
             {"recipe": dataclasses.asdict(recipe), "seconds": times, "threads": torch.get_num_threads(),
              "device": str(env.device)}, indent=2))
     return out_dir
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: SliceVAE, clips, n: int) -> float:
+    """1 / std of the unscaled posterior means of the first ``n`` clips (rounded to 5
+    significant digits), so that scaled latents have unit variance."""
+    device = next(vae.parameters()).device
+    means = [vae.encode_posterior(clips[i]["video"][None].to(device))[0] for i in range(min(n, len(clips)))]
+    std = float(torch.cat([m.flatten() for m in means]).float().std())
+    return float(f"{1.0 / std:.5g}")
 
 
 def load_phase_weights(module: torch.nn.Module, run_dir: str | Path, ema: bool = False) -> bool:
