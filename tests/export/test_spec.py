@@ -1,0 +1,117 @@
+"""ExportSpec: ranges, shapes, profiles, decoder variants, random inputs, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from easyanimate_rt.errors import ConfigError, ExportError, ShapeError
+from easyanimate_rt.export.spec import (DECODER_VARIANTS, NETWORKS, DimSpec, ExportSpec, decoder_variant,
+                                        decoder_variants, dit_spec, eval_dim, make_specs, vae_decoder_spec,
+                                        vae_encoder_spec)
+from easyanimate_rt.reference.config import from_preset
+from easyanimate_rt.reference.vae import SliceVAE
+
+TINY = from_preset("tiny")
+
+
+def test_make_specs_covers_every_graph():
+    keys = [s.key for s in make_specs(TINY)]
+    assert keys == ["text_encoder", "dit", "vae_encoder/image", "vae_encoder/slice"] + \
+        [f"vae_decoder/{v}" for v in DECODER_VARIANTS]
+    assert [s.key for s in make_specs(TINY, networks=["dit"])] == ["dit"]
+    with pytest.raises(ConfigError, match="unknown network"):
+        make_specs(TINY, networks=["unet"])
+    assert set(NETWORKS) == {s.network for s in make_specs(TINY)}
+
+
+def test_dit_spec_contract():
+    spec = dit_spec(from_preset("v2-512"), "fp16")
+    assert spec.input_names == ["latents", "timestep", "text", "text_mask"]
+    assert spec.output_names == ["noise_pred"]
+    assert spec.inputs[2].shape == ("batch", 120, 4096)
+    assert spec.dim("height").multiple == 4  # patch 2 x Grid Reshape 2
+    # 512 x 512 x 144 frames: 36 latent frames of 64 x 64.
+    assert spec.opt_dims() == {"batch": 2, "frames": 36, "height": 64, "width": 64}
+    assert spec.dim("batch").max == 2
+    assert spec.precision.compute_dtype == "float16"
+    shapes = spec.profile_shapes()
+    assert shapes["latents"] == ((1, 4, 1, 8, 8), (2, 4, 36, 64, 64), (2, 4, 36, 64, 64))
+    assert spec.output_shapes({"batch": 1, "frames": 3, "height": 8, "width": 12})["noise_pred"] == (1, 8, 3, 8, 12)
+
+
+def test_check_dims_names_the_rule():
+    spec = dit_spec(TINY)
+    with pytest.raises(ShapeError, match=r"height must be in \[4, 8\] and a multiple of 2, got 5"):
+        spec.check_dims({"batch": 1, "frames": 1, "height": 5, "width": 4})
+    with pytest.raises(ShapeError, match=r"batch must be in \[1, 2\]"):
+        spec.check_dims({"batch": 3, "frames": 1, "height": 4, "width": 4})
+    with pytest.raises(ShapeError, match="no value for dimension"):
+        spec.check_dims({"batch": 1})
+
+
+def test_dims_of_inverts_input_shapes():
+    spec = vae_encoder_spec(TINY, "slice")
+    dims = {"batch": 1, "height": 32, "width": 48}
+    assert spec.dims_of(spec.input_shapes(dims)) == dims
+    assert spec.output_shapes(dims)["latents"] == (1, 4, 2, 4, 6)
+    with pytest.raises(ShapeError, match="must have shape"):
+        spec.dims_of({"frames": (1, 3, 1, 32, 32)})  # the slice graph takes 8 frames
+    dec = vae_decoder_spec(TINY, "interior")
+    assert dec.output_shapes({"batch": 2, "height": 3, "width": 5})["frames"] == (2, 3, 8, 24, 40)
+    assert dec.static == {"context_frames": 6, "start": 2, "length": 2}
+
+
+@pytest.mark.parametrize("latent_frames", range(1, 12))
+def test_every_slice_of_every_length_has_a_decoder_variant(latent_frames):
+    vae_cfg = TINY.vae
+    n = vae_cfg.latents_per_slice
+    if latent_frames % n > 1:
+        return
+    with __import__("torch").device("meta"):
+        vae = SliceVAE(vae_cfg)
+    table = decoder_variants(TINY)
+    for s in vae.slice_plan(latent_frames):
+        variant = decoder_variant(TINY, s)
+        assert table[variant] == (s.ctx_end - s.ctx_start, s.start, s.length)
+
+
+def test_random_inputs_are_fresh_valid_and_deterministic():
+    spec = make_specs(TINY, networks=["text_encoder"])[0]
+    a = spec.random_inputs({"batch": 3}, seed=1)
+    b = spec.random_inputs({"batch": 3}, seed=1)
+    c = spec.random_inputs({"batch": 3}, seed=2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["input_ids"], c["input_ids"])
+    assert a["input_ids"].dtype == np.int64 and a["input_ids"].max() < TINY.text_encoder.vocab_size
+    mask = a["attention_mask"]
+    assert mask[:, 0].all() and (np.diff(mask, axis=1) <= 0).all()  # 1s then 0s, at least one 1
+    dit = dit_spec(TINY).random_inputs({"batch": 2, "frames": 1, "height": 4, "width": 6})
+    assert dit["latents"].shape == (2, 4, 1, 4, 6) and ((0 <= dit["timestep"]) & (dit["timestep"] < 1000)).all()
+
+
+def test_json_round_trip(tmp_path):
+    for spec in make_specs(TINY, "fp8"):
+        spec.save(tmp_path)
+        again = ExportSpec.load(tmp_path)
+        assert again == spec
+        assert json.loads((tmp_path / "spec.json").read_text())["network"] == spec.network
+    data = json.loads((tmp_path / "spec.json").read_text())
+    data["format"] = 99
+    with pytest.raises(ExportError, match="unsupported spec format"):
+        ExportSpec.from_dict(data)
+    with pytest.raises(ExportError, match="no spec.json"):
+        ExportSpec.load(tmp_path / "missing")
+
+
+def test_dim_spec_validation_and_expressions():
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        DimSpec("height", 4, 10, 4)
+    assert eval_dim("8*height", {"height": 3}) == 24
+    assert eval_dim("width/8", {"width": 64}) == 8
+    with pytest.raises(ShapeError, match="not divisible"):
+        eval_dim("width/8", {"width": 60})
+    with pytest.raises(ConfigError, match="vae_decoder variant must be one of"):
+        vae_decoder_spec(TINY, "middle")
