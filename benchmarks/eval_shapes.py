@@ -48,7 +48,10 @@ def main(argv=None) -> int:
     ok = True
     for k, target in TARGETS.items():
         v = summary[k]
-        good = v is not None and v >= target
+        if v is None:  # not measured (--vae-clips 0)
+            print(f"{k:18s} {'-':>8s} {target:8.3f} not measured")
+            continue
+        good = v >= target
         ok &= good
         print(f"{k:18s} {v:8.3f} {target:8.3f} {'ok' if good else 'BELOW'}")
     print(f"prompts={report.prompts} (direction on {report.direction_prompts}); "

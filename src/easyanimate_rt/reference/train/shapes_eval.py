@@ -85,6 +85,8 @@ def evaluate(pipe: ReferencePipeline, prompts: int = 48, vae_clips: int = 16, st
     report.seconds_per_video = (time.perf_counter() - t0) / max(1, len(specs))
     rows = report.rows
     report.prompts = len(rows)
+    if not rows:
+        return report
     report.colour_rate = float(np.mean([r["colour_ok"] for r in rows]))
     moving = [r for r in rows if r["direction_ok"] is not None]
     report.direction_prompts = len(moving)
