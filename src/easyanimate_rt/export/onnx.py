@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, MissingDependencyError
-from ..reference.io import atomic_write_text
+from ..reference.io import atomic_write_text, replace_dir
 from .passes import (PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts,
                      set_io_shapes)
 from .precision import WRAPPER_PREFIX, convert_precision
@@ -298,17 +298,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
 
 def write_graph(ir_model, spec: ExportSpec, directory: str | Path,
                 inputs: Mapping[str, np.ndarray] | None = None, stats: Mapping[str, int] | None = None,
@@ -355,7 +344,7 @@ def write_graph(ir_model, spec: ExportSpec, directory: str | Path,
         np.savez(tmp / INPUTS_NAME, **feeds)
         for name, extra in (extra_inputs or {}).items():
             np.savez(tmp / f"{name}.npz", **extra)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -42,3 +43,17 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | No
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written directory ``tmp`` to ``final``, replacing any old one; the
+    old copy is kept aside until the new one is in place."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .config import DiTConfig, ModelConfig, from_preset
 from .dit import VideoDiT
-from .io import atomic_path, atomic_save_safetensors, atomic_write_text
+from .io import atomic_path, atomic_save_safetensors, atomic_write_text, replace_dir
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .vae import SliceVAE
 
@@ -137,15 +137,7 @@ def save_model(model: EasyAnimateModel, out_dir: str | Path, weights_dtype: torc
         atomic_save_safetensors(state, tmp / sub / WEIGHTS_NAME)
     model.text_encoder.save_pretrained(tmp / "text_encoder", tmp / "tokenizer")
     atomic_write_text(tmp / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
