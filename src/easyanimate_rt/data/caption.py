@@ -287,10 +287,7 @@ class CaptionTask:
 def caption_clips(manifest: str | Path, output: str | Path, config: CaptionConfig = CaptionConfig(), *,
                   workers: int = 1, progress: bool = False):
     """Caption every clip of ``manifest`` into ``output`` (resumable; see ``parallel``)."""
-    from easyanimate_rt.data.manifest import read_manifest
-    from easyanimate_rt.data.parallel import run_stage, unique_items
+    from easyanimate_rt.data.parallel import run_manifest_stage
 
-    manifest, output = Path(manifest), Path(output)
-    items = unique_items(read_manifest(manifest))
-    task = CaptionTask(manifest.parent, output.parent, config)
-    return run_stage(task, items, output, workers=workers, progress=progress)
+    return run_manifest_stage(lambda src, dst: CaptionTask(src, dst, config), manifest, output,
+                              workers=workers, progress=progress)

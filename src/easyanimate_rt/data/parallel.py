@@ -196,3 +196,15 @@ def _run_pool(task: Task, todo: list[tuple[str, Any]], workers: int, commit, bar
 def _describe(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def run_manifest_stage(make_task, manifest: str | Path, output: str | Path, *, workers: int = 1,
+                       progress: bool = False):
+    """Run the task ``make_task(in_root, out_root)`` over every clip of ``manifest`` into
+    ``output`` (resumable; see :func:`run_stage`)."""
+    from easyanimate_rt.data.manifest import read_manifest
+
+    manifest, output = Path(manifest), Path(output)
+    items = unique_items(read_manifest(manifest))
+    return run_stage(make_task(manifest.parent, output.parent), items, output, workers=workers,
+                     progress=progress)

@@ -279,10 +279,7 @@ class ScoreTask:
 def score_clips(manifest: str | Path, output: str | Path, config: ScoreConfig = ScoreConfig(), *,
                 workers: int = 1, progress: bool = False):
     """Score every clip of ``manifest`` into ``output`` (resumable; see ``parallel``)."""
-    from easyanimate_rt.data.manifest import read_manifest
-    from easyanimate_rt.data.parallel import run_stage, unique_items
+    from easyanimate_rt.data.parallel import run_manifest_stage
 
-    manifest, output = Path(manifest), Path(output)
-    items = unique_items(read_manifest(manifest))
-    task = ScoreTask(manifest.parent, output.parent, config)
-    return run_stage(task, items, output, workers=workers, progress=progress)
+    return run_manifest_stage(lambda src, dst: ScoreTask(src, dst, config), manifest, output,
+                              workers=workers, progress=progress)

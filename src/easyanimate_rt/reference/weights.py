@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .config import DiTConfig, ModelConfig, from_preset
 from .dit import VideoDiT
-from .io import atomic_path, atomic_save_safetensors, atomic_write_text, replace_dir
+from .io import atomic_save_safetensors, atomic_write_text, replace_dir
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .vae import SliceVAE
 
@@ -226,11 +226,7 @@ def dit_config_from_pixart(raw: Mapping[str, Any], **video: Any) -> DiTConfig:
     return DiTConfig(**keys, **video)
 
 
-def save_safetensors(module: nn.Module, path: str | Path) -> None:
-    atomic_save_safetensors(module.state_dict(), path)
-
-
 __all__ = [
     "EasyAnimateModel", "random_model", "save_model", "load_model", "upstream_config",
-    "load_pixart_backbone", "load_state_dict_checked", "dit_config_from_pixart", "atomic_path",
+    "load_pixart_backbone", "load_state_dict_checked", "dit_config_from_pixart",
 ]

@@ -7,7 +7,6 @@ Multi-process: launch under ``torchrun --nproc-per-node N -m easyanimate_rt trai
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from ...errors import InputError
@@ -141,4 +140,4 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_train_dit)
 
 
-__all__ = ["add_train_parser", "dataclasses"]
+__all__ = ["add_train_parser"]

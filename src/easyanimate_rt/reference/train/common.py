@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import math
 import os
 import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -285,19 +284,6 @@ def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     dist.all_reduce(t)
     return {k: float(v) / env.world_size for k, v in zip(values, t)}
 
-
-def cycle_indices(n: int, seed: int, start: int) -> Iterator[int]:
-    """An endless stream of dataset indices, a fresh permutation per epoch, starting at
-    sample ``start`` — a pure function of its arguments (resume-exact)."""
-    epoch, offset = divmod(start, n)
-    while True:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        yield from perm[offset:]
-        epoch, offset = epoch + 1, 0
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
 
 
 # --- the step loop --------------------------------------------------------------------------

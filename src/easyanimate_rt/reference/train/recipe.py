@@ -26,7 +26,7 @@ from ..dit import VideoDiT
 from ..text import TextEncoder, load_tokenizer, train_tokenizer
 from ..vae import SliceVAE
 from ..weights import EasyAnimateModel, save_model
-from .common import DistEnv, init_distributed, latest_checkpoint, load_checkpoint
+from .common import DistEnv, init_distributed
 from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
 from .vae_trainer import VAETrainConfig, train_vae
 
@@ -148,13 +148,3 @@ def latent_scaling_factor(vae: SliceVAE, clips, n: int) -> float:
     means = [vae.encode_posterior(clips[i]["video"][None].to(device))[0] for i in range(min(n, len(clips)))]
     std = float(torch.cat([m.flatten() for m in means]).float().std())
     return float(f"{1.0 / std:.5g}")
-
-
-def load_phase_weights(module: torch.nn.Module, run_dir: str | Path, ema: bool = False) -> bool:
-    """Load the newest checkpoint of a phase into ``module``; False when there is none."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return False
-    weights, _, ema_state = load_checkpoint(ckpt)
-    module.load_state_dict(ema_state if ema and ema_state is not None else weights)
-    return True
