@@ -33,18 +33,19 @@ SHAPE = (1, 4, 2, 8, 8)  # (B, C, F, H, W)
 TRAIN = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", steps_offset=1)
 
 
-def reference(name: str):
+def reference(name: str, prediction_type: str = "epsilon"):
     """The diffusers scheduler ``name`` corresponds to, otherwise at its defaults."""
     diffusers = pytest.importorskip("diffusers")  # a test-only dependency
+    train = dict(TRAIN, prediction_type=prediction_type)
     if name == "ddim":
-        return diffusers.DDIMScheduler(**TRAIN, clip_sample=False)
+        return diffusers.DDIMScheduler(**train, clip_sample=False)
     if name == "euler":
-        return diffusers.EulerDiscreteScheduler(**TRAIN)
+        return diffusers.EulerDiscreteScheduler(**train)
     if name == "euler_a":
-        return diffusers.EulerAncestralDiscreteScheduler(**TRAIN)
+        return diffusers.EulerAncestralDiscreteScheduler(**train)
     if name == "dpm++":
         return diffusers.DPMSolverMultistepScheduler(
-            **TRAIN, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True
+            **train, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True
         )
     raise AssertionError(name)
 
@@ -59,9 +60,15 @@ def fake_model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (x_in - abar**0.5 * DATA) / (1 - abar) ** 0.5 + 0.1 * torch.sin(2 * x_in + float(t) / 100)
 
 
-def run_pair(name: str, num_steps: int, forced: bool):
+def fake_v_model(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The same denoiser as ``fake_model`` in the v parameterisation: v = (eps - s x) / a."""
+    abar = float(ABAR[round(float(t))])
+    return (fake_model(x_in, t) - (1 - abar) ** 0.5 * x_in) / abar**0.5
+
+
+def run_pair(name: str, num_steps: int, forced: bool, prediction_type: str = "epsilon"):
     """Run ours and diffusers side by side; yield (ours, theirs, model inputs, latents) per step."""
-    ours, theirs = make_sampler(name, num_steps), reference(name)
+    ours, theirs = make_sampler(name, num_steps), reference(name, prediction_type)
     theirs.set_timesteps(num_steps)
     assert ours.timesteps.dtype == theirs.timesteps.dtype
     assert torch.equal(ours.timesteps, theirs.timesteps)
@@ -77,6 +84,10 @@ def run_pair(name: str, num_steps: int, forced: bool):
         in_a, in_b = ours.scale_model_input(x_a, i), theirs.scale_model_input(x_b, t)
         if forced:
             eps_a = eps_b = torch.randn(SHAPE, generator=gen_eps)
+        elif prediction_type == "v_prediction":
+            # diffusers converts v inside its step; ours converts before the step.
+            eps_a = ours.epsilon(i, in_a, fake_v_model(in_a, ours.timesteps[i]), prediction_type)
+            eps_b = fake_v_model(in_b, t)
         else:
             eps_a, eps_b = fake_model(in_a, ours.timesteps[i]), fake_model(in_b, t)
         noise = torch.randn(SHAPE, generator=gen_a) if ours.needs_noise else None
@@ -95,6 +106,37 @@ def test_matches_diffusers_closed_loop(name, num_steps):
     worst = max(worst, (x_a - x_b).abs().max().item())
     assert worst <= TOL["closed_loop_abs"], f"{name} x{num_steps}: max abs diff {worst:.3g}"
     assert (x_b - DATA).abs().max() < 0.1  # the fake model pulls every sampler onto DATA
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_v_prediction_matches_diffusers_closed_loop(name):
+    worst = 0.0
+    for in_a, in_b, x_a, x_b in run_pair(name, 25, forced=False, prediction_type="v_prediction"):
+        worst = max(worst, (in_a - in_b).abs().max().item())
+    worst = max(worst, (x_a - x_b).abs().max().item())
+    assert worst <= TOL["closed_loop_abs"], f"{name} v-prediction: max abs diff {worst:.3g}"
+    assert (x_b - DATA).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_epsilon_from_v_is_exact_at_every_step(name):
+    """x_t = alpha x0 + sigma eps and v = alpha eps - sigma x0 give back eps, at every
+    step (t = 999 included, where alpha = 0.0064), for int and tensor step indices."""
+    sampler = make_sampler(name, 25)
+    sigmas = NoiseSchedule().sigmas.double()
+    x0, eps = torch.randn(SHAPE).double(), torch.randn(SHAPE).double()
+    for i in range(25):
+        t = float(sampler.timesteps[i])
+        lo = min(int(t), 998)
+        sigma = float(sigmas[lo] + (sigmas[lo + 1] - sigmas[lo]) * (t - lo))  # np.interp, independently
+        alpha, sigma_vp = (1 + sigma**2) ** -0.5, sigma * (1 + sigma**2) ** -0.5
+        x_t, v = (alpha * x0 + sigma_vp * eps).float(), (alpha * eps - sigma_vp * x0).float()
+        for index in (i, torch.tensor(i)):
+            got = sampler.epsilon(index, x_t, v, "v_prediction")
+            assert (got.double() - eps).abs().max() < 1e-5, (i, t)
+    assert sampler.epsilon(0, x_t, v, "epsilon") is v
+    with pytest.raises(InputError, match="prediction_type"):
+        sampler.epsilon(0, x_t, v, "sample")
 
 
 @pytest.mark.parametrize("num_steps", FEW_STEPS + STEPS)

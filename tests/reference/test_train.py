@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from easyanimate_rt.errors import ConfigError
 from easyanimate_rt.reference.config import from_preset
 from easyanimate_rt.reference.dit import VideoDiT
 from easyanimate_rt.reference.samplers import NoiseSchedule
@@ -167,6 +168,33 @@ def test_vlb_matches_gaussian_kl():
     expected_vb = torch.stack(kls).mean() / math.log(2.0)
     assert abs(values["vb"] - float(expected_vb)) < 1e-4 * max(1.0, float(expected_vb))
     assert abs(values["mse"] - float((out[:, :4] - noise).pow(2).mean())) < 1e-6
+
+
+def test_snr_weighted_loss_grades_x0_error_at_high_noise():
+    """cap 1 is the plain epsilon MSE; with a cap, each sample's epsilon MSE is weighted
+    by clamp(1/SNR_t, 1, cap) / mean_t(weight), i.e. by its implied x0 error where the
+    signal is below the noise."""
+    schedule = NoiseSchedule()
+    x0, noise = torch.randn(4, 4, 1, 2, 2), torch.randn(4, 4, 1, 2, 2)
+    t = torch.tensor([10, 300, 800, 999])
+    xt = schedule.add_noise(x0, noise, t)
+    eps = noise + 0.05 * torch.randn_like(noise)
+    plain, values = DiffusionLoss(schedule, learn_sigma=False)(eps, x0, xt, noise, t)
+    per = (eps - noise).pow(2).flatten(1).mean(1).double()
+    assert abs(float(plain) - float(per.mean())) < 1e-7
+    cap = 1000.0
+    weighted, wvalues = DiffusionLoss(schedule, learn_sigma=False, snr_weight_cap=cap)(eps, x0, xt, noise, t)
+    abar = schedule.alphas_cumprod.double()
+    w = ((1 - abar) / abar).clamp(1, cap)
+    expected = (per * w[t] / w.mean()).mean()
+    assert abs(float(weighted) - float(expected)) < 1e-6 * float(expected)
+    assert wvalues["mse"] == pytest.approx(values["mse"], rel=1e-6)  # the logged MSE stays plain
+    # where 1/SNR < cap the weighted term is exactly the implied x0 error (up to the mean)
+    x0_err = ((xt.double() - (1 - abar[t]).sqrt().view(-1, 1, 1, 1, 1) * eps.double())
+              / abar[t].sqrt().view(-1, 1, 1, 1, 1) - x0.double()).pow(2).flatten(1).mean(1)
+    assert float(x0_err[2]) == pytest.approx(float(per[2] * w[800]), rel=1e-4)
+    with pytest.raises(ConfigError):
+        DiffusionLoss(schedule, learn_sigma=False, snr_weight_cap=0.5)
 
 
 def _free_port() -> int:

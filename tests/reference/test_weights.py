@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyanimate_rt.errors import CheckpointError
+from easyanimate_rt.errors import CheckpointError, ConfigError
 from easyanimate_rt.reference.config import from_preset
 from easyanimate_rt.reference.weights import load_model, random_model, save_model
 from easyanimate_rt.tolerances import check_close
@@ -77,6 +77,32 @@ def test_upstream_missing_key_is_named(tiny_model, tmp_path):
     _write_upstream(tiny_model, tmp_path / "up", drop=key)
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         load_model(tmp_path / "up", preset="tiny")
+
+
+def test_upstream_scheduler_config_is_read(tiny_model, tmp_path):
+    """scheduler/config.json: its prediction type reaches the DiT config; a schedule the
+    samplers do not implement is refused, naming the field."""
+    root = tmp_path / "up"
+    _write_upstream(tiny_model, root)
+    (root / "scheduler").mkdir()
+    sched = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+             "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "v_prediction"}
+    (root / "scheduler" / "config.json").write_text(json.dumps(sched))
+    assert load_model(root, preset="tiny").config.dit.prediction_type == "v_prediction"
+    (root / "scheduler" / "config.json").write_text(json.dumps({**sched, "beta_schedule": "scaled_linear"}))
+    with pytest.raises(CheckpointError, match="beta_schedule='scaled_linear' is not supported"):
+        load_model(root, preset="tiny")
+
+
+def test_prediction_type_survives_a_round_trip(tiny_model, tmp_path):
+    import dataclasses
+
+    v = dataclasses.replace(tiny_model.config, dit=dataclasses.replace(tiny_model.config.dit,
+                                                                       prediction_type="v_prediction"))
+    model = random_model(v, seed=0)
+    assert load_model(save_model(model, tmp_path / "m")).config.dit.prediction_type == "v_prediction"
+    with pytest.raises(ConfigError, match="prediction_type"):
+        dataclasses.replace(v.dit, prediction_type="sample")
 
 
 def test_not_a_model_directory(tmp_path):

@@ -18,6 +18,7 @@ from ..errors import ConfigError
 DTYPES = ("float32", "float16", "bfloat16")
 PADDING_MODES = ("slice", "causal")
 RESAMPLE_TYPES = ("spatial", "spacetime", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -208,9 +209,13 @@ class DiTConfig(_Serialisable):
     temporal_max_positions: int = 4096
     hybrid_global_attention: bool = False  # V3: odd blocks use global attention
     long_skips: bool = True
+    # What the first in_channels outputs mean: the noise (EasyAnimate's releases) or
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0 (the shipped shapes model; samplers.Sampler.epsilon).
+    prediction_type: str = "epsilon"
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        _choice(self, "prediction_type", PREDICTION_TYPES)
         _positive(self, "in_channels", "num_layers", "num_attention_heads", "attention_head_dim",
                   "patch_size", "caption_channels", "sample_size", "mlp_ratio",
                   "temporal_num_heads", "temporal_block_size", "temporal_max_positions",
@@ -354,8 +359,11 @@ _SHAPES = ModelConfig(
                                    num_heads=4, relative_attention_num_buckets=8,
                                    relative_attention_max_distance=32, max_length=24),
     vae=VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),
+    # v-prediction: an 8-block epsilon network cannot reach the precision the linear
+    # schedule demands at t ~ 999 (abar 4e-5), and its samples drift (MODEL_CARD.md).
     dit=DiTConfig(num_layers=8, num_attention_heads=4, attention_head_dim=32, caption_channels=64,
-                  sample_size=8, temporal_num_heads=4, temporal_block_size=2, temporal_max_positions=64),
+                  sample_size=8, temporal_num_heads=4, temporal_block_size=2, temporal_max_positions=64,
+                  prediction_type="v_prediction"),
     sampling=SamplingDefaults(height=64, width=64, frames=17, fps=8, steps=25, guidance_scale=4.5),
 )
 

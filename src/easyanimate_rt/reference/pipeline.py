@@ -133,15 +133,18 @@ class ReferencePipeline:
         for i in range(req.steps):
             t = sampler.timesteps[i]
             xin = sampler.scale_model_input(x, i).to(dtype)
+            # out: epsilon or v, as the DiT predicts (config.prediction_type).
             if guided and req.guidance_mode == "batched":
                 out = dit(xin.expand(2, *xin.shape[1:]), t.expand(2), emb, mask)[:, :c]  # (2, C, F, H, W)
-                eps_u, eps_c = out.float().chunk(2)
+                out_u, out_c = out.float().chunk(2)
             elif guided:
-                eps_u = dit(xin, t.expand(1), emb[:1], mask[:1])[:, :c].float()
-                eps_c = dit(xin, t.expand(1), emb[1:], mask[1:])[:, :c].float()
+                out_u = dit(xin, t.expand(1), emb[:1], mask[:1])[:, :c].float()
+                out_c = dit(xin, t.expand(1), emb[1:], mask[1:])[:, :c].float()
             else:
-                eps_u = eps_c = dit(xin, t.expand(1), emb, mask)[:, :c].float()
-            eps = eps_u + req.guidance_scale * (eps_c - eps_u)
+                out_u = out_c = dit(xin, t.expand(1), emb, mask)[:, :c].float()
+            # Guidance is affine, so guiding v and converting equals converting each branch.
+            eps = sampler.epsilon(i, xin, out_u + req.guidance_scale * (out_c - out_u),
+                                  dit.config.prediction_type)
             noise = None
             if sampler.needs_noise:
                 noise = torch.randn(shape, generator=gen).to(self.device)

@@ -14,8 +14,10 @@ Symbols
     x0     prediction of the clean latents from x and eps
     K      number of per-step coefficients a sampler keeps
 
-Training schedule: T = 1000, betas linear in 1e-4 .. 0.02, steps_offset 1, the
-network predicts epsilon.
+Training schedule: T = 1000, betas linear in 1e-4 .. 0.02, steps_offset 1. Samplers
+step on epsilon; a network that predicts v (``DiTConfig.prediction_type``) is converted
+by ``Sampler.epsilon`` first: with x_t = alpha x0 + sigma_vp eps (alpha^2 + sigma_vp^2
+= 1) and v = alpha eps - sigma_vp x0, eps = alpha v + sigma_vp x_t.
 
 Every coefficient a step needs is computed once, when the sampler is built, into a
 float32 table of shape (N, K) on the sampler's device. ``step`` only does arithmetic
@@ -39,7 +41,7 @@ Index = int | Tensor
 
 
 class NoiseSchedule:
-    """The DDPM forward process the network was trained with.
+    """The DDPM forward process the network was trained with (for either prediction type).
 
     ``betas``, ``alphas_cumprod`` and ``sigmas`` are float32 on the CPU, computed with
     the same float32 operations as diffusers (and so as training). They are not the
@@ -47,8 +49,6 @@ class NoiseSchedule:
     in relative terms at the clean end, where 1 - abar cancels. Sampler tables start
     from these same float32 values, which keeps them within 1e-5 of diffusers.
     """
-
-    prediction_type: ClassVar[str] = "epsilon"
 
     def __init__(
         self,
@@ -139,23 +139,42 @@ class Sampler(abc.ABC):
         timesteps, coef, self.init_noise_sigma = self._build()
         self.timesteps = timesteps.to(self.device)  # (N,)
         self._coef = coef.to(device=self.device, dtype=torch.float32).contiguous()  # (N, K)
+        # (alpha, sigma_vp) of the model input at each step, for v -> epsilon.
+        sigma = _interp_sigmas(schedule, timesteps.to(torch.float64))  # (N,)
+        alpha = 1 / (sigma**2 + 1).sqrt()
+        self._vp = torch.stack([alpha, sigma * alpha], dim=1).to(device=self.device, dtype=torch.float32)
 
     @abc.abstractmethod
     def _build(self) -> tuple[Tensor, Tensor, float]:
         """Return (timesteps (N,), float64 coefficients (N, K), init_noise_sigma)."""
 
-    def _row(self, i: Index) -> Tensor:
-        """Coefficients of step ``i``, (K,), for an int or a 0-d integer tensor index.
+    def _row(self, i: Index, table: Tensor | None = None) -> Tensor:
+        """Row ``i`` of a per-step table (default: the step coefficients, (K,)), for an
+        int or a 0-d integer tensor index.
 
         A tensor index should live on the sampler's device (for CUDA graphs).
         """
+        table = self._coef if table is None else table
         if isinstance(i, Tensor):
             # index_select stays on the device; plain table[i] with a 0-d CUDA tensor
             # reads the index back to the host (a sync, which breaks graph capture).
-            return self._coef.index_select(0, i.reshape(1).to(self._coef.device)).squeeze(0)
+            return table.index_select(0, i.reshape(1).to(table.device)).squeeze(0)
         if not 0 <= i < self.num_steps:
             raise InputError(f"step index must be in [0, {self.num_steps}), got {i}")
-        return self._coef[i]
+        return table[i]
+
+    def epsilon(self, i: Index, model_input: Tensor, output: Tensor, prediction_type: str) -> Tensor:
+        """The epsilon ``step`` expects from the network's (guided) ``output`` at step ``i``.
+
+        ``model_input`` is what the network saw (``scale_model_input``'s result). Identity
+        for epsilon networks; eps = alpha v + sigma_vp x_t for v networks, in float32.
+        """
+        if prediction_type == "epsilon":
+            return output
+        if prediction_type != "v_prediction":
+            raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        alpha, sigma_vp = self._row(i, self._vp).unbind()
+        return alpha * output.float() + sigma_vp * model_input.float()
 
     def scale_model_input(self, x: Tensor, i: Index) -> Tensor:
         """The latents as the network should see them at step ``i`` (identity here)."""

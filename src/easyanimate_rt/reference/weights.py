@@ -172,6 +172,26 @@ _UPSTREAM_DIT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim",
                       "patch_size", "sample_size", "caption_channels")
 
 
+# The training schedule every sampler here assumes (samplers.NoiseSchedule's defaults).
+_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
+
+
+def _upstream_scheduler(path: Path) -> dict[str, Any]:
+    """DiTConfig overrides from ``scheduler/config.json`` (its prediction type); a schedule
+    other than the one the samplers implement is refused rather than silently misused."""
+    file = path / "scheduler" / "config.json"
+    if not file.exists():
+        return {}
+    raw = json.loads(file.read_text())
+    for key, want in _SCHEDULE.items():
+        got = raw.get(key, want)
+        if got != want and not (isinstance(want, float) and isinstance(got, (int, float))
+                                and abs(got - want) <= 1e-12):
+            raise CheckpointError(f"{file}: {key}={got!r} is not supported (the samplers implement "
+                                  f"{key}={want!r})")
+    return {"prediction_type": raw["prediction_type"]} if "prediction_type" in raw else {}
+
+
 def upstream_config(path: str | Path, preset: str | None = None) -> ModelConfig:
     """Architecture of an upstream model directory: a preset, overridden by the sizes
     that ``transformer/config.json`` states."""
@@ -188,6 +208,7 @@ def upstream_config(path: str | Path, preset: str | None = None) -> ModelConfig:
     overrides = {k: raw[k] for k in _UPSTREAM_DIT_KEYS if k in raw}
     if "out_channels" in raw:
         overrides["learn_sigma"] = raw["out_channels"] == 2 * overrides.get("in_channels", base.dit.in_channels)
+    overrides.update(_upstream_scheduler(path))
     dit = dataclasses.replace(base.dit, **overrides)
     text = base.text_encoder
     t5_file = path / "text_encoder" / "config.json"

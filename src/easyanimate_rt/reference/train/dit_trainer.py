@@ -71,6 +71,7 @@ class DiTTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    snr_weight_cap: float = 1.0     # > 1: grade high-noise steps on x0 error (losses.DiffusionLoss)
     cache_latents: bool = True
     cache_size: int = 512           # items per cached source and stage
     seed: int = 0
@@ -160,7 +161,7 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
     vae.to(device).eval().requires_grad_(False)
     text_encoder.to(device).eval().requires_grad_(False)
     schedule = NoiseSchedule()
-    loss_fn = DiffusionLoss(schedule, dit.config.learn_sigma)
+    loss_fn = DiffusionLoss(schedule, dit.config.learn_sigma, cfg.snr_weight_cap, dit.config.prediction_type)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.stages[0].lr, weight_decay=cfg.weight_decay)
     ema = EMA(dit, cfg.ema_decay)
     metrics = MetricsLog(run_dir, enabled=env.is_main)
