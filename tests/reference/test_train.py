@@ -240,3 +240,17 @@ def test_ddp_two_processes_match_the_combined_batch(parts, tmp_path):
                        progress=False)
     for k, v in single.state_dict().items():
         torch.testing.assert_close(results[0][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_stage_lr_warms_up_holds_and_decays():
+    from easyanimate_rt.reference.train.dit_trainer import stage_lr_factor
+
+    st = DiTStage("s", 100, 8, 8, decay_fraction=0.2)
+    f = [stage_lr_factor(st, i, warmup_steps=10) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0 and f[79] == 1.0
+    assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(f[80:], f[81:]))
+    flat = DiTStage("s", 100, 8, 8)
+    assert [stage_lr_factor(flat, i, 10) for i in (0, 50, 99)] == [pytest.approx(0.1), 1.0, 1.0]
+    with pytest.raises(ConfigError):
+        DiTStage("s", 100, 8, 8, decay_fraction=1.5)

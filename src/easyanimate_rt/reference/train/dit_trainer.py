@@ -53,10 +53,13 @@ class DiTStage:
     train: str = "all"              # "all" or "motion" (motion modules + skips)
     lr: float = 2e-5
     batch_size: int = 8
+    decay_fraction: float = 0.0     # last share of the stage where the lr falls linearly to 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError(f"stage {self.name!r}: steps and batch_size must be >= 1")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"stage {self.name!r}: decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.train not in TRAIN_SETS:
             raise ConfigError(f"stage {self.name!r}: train must be one of {list(TRAIN_SETS)}, got {self.train!r}")
         if self.frames != 1 and (self.frames - 1) % 8:
@@ -99,6 +102,16 @@ class DiTTrainConfig:
                 return i, step
             step -= s.steps
         raise ConfigError(f"step {step} is past the last stage")
+
+
+def stage_lr_factor(stage: DiTStage, local: int, warmup_steps: int) -> float:
+    """Linear warm-up over the stage's first steps, constant, then (with
+    ``decay_fraction``) linear decay to 0 over its last steps."""
+    warm = min(1.0, (local + 1) / max(1, warmup_steps))
+    decay_steps = round(stage.steps * stage.decay_fraction)
+    if decay_steps == 0:
+        return warm
+    return warm * min(1.0, (stage.steps - local) / decay_steps)
 
 
 SourceFactory = Callable[[DiTStage], tuple[Dataset, Dataset]]  # stage -> (stills, clips)
@@ -244,7 +257,7 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
             out = model(xt, t, text, mask)
         loss, values = loss_fn(out, x0, xt, noise, t)
         for group in opt.param_groups:
-            group["lr"] = st.lr * min(1.0, (local + 1) / max(1, cfg.warmup_steps))
+            group["lr"] = st.lr * stage_lr_factor(st, local, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in dit.parameters() if p.grad is not None]

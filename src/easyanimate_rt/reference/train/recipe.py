@@ -46,12 +46,12 @@ class ShapesRecipe:
     vae_lr: float = 3e-4               # small VAE trained from scratch: above the paper's 1e-4
     vae_mse_weight: float = 2.0        # L1 alone learns the background before the objects
     vae_clip_frames: int = 9
-    dit_image_steps: int = 800
-    dit_lowres_steps: int = 600
-    dit_video_steps: int = 1600
+    dit_image_steps: int = 2000
+    dit_lowres_steps: int = 1000
+    dit_video_steps: int = 5000
     dit_batch: int = 16
     dit_lr: float = 3e-4               # from-scratch backbone, small model: higher than PixArt's 2e-5
-    cache_size: int = 1024
+    cache_size: int = 2048
     scale_clips: int = 64              # clips that set the latent scaling factor
     seed: int = 0
     scale: float = 1.0
@@ -119,7 +119,8 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
         DiTStage("2-video-lowres", recipe.steps(recipe.dit_lowres_steps), low, low, frames=recipe.frames,
                  image_fraction=0.1, train="all", lr=recipe.dit_lr, batch_size=recipe.dit_batch),
         DiTStage("3-video", recipe.steps(recipe.dit_video_steps), recipe.size, recipe.size,
-                 frames=recipe.frames, image_fraction=0.1, lr=recipe.dit_lr, batch_size=recipe.dit_batch),
+                 frames=recipe.frames, image_fraction=0.1, lr=recipe.dit_lr, batch_size=recipe.dit_batch,
+                 decay_fraction=0.2),
     )
     dcfg = DiTTrainConfig(stages=stages, warmup_steps=min(100, stages[0].steps), ema_decay=0.995,
                           cache_size=recipe.cache_size, seed=recipe.seed, checkpoint_every=100, log_every=10)
