@@ -96,6 +96,28 @@ def _frame_specs() -> list[S.ShapeSpec]:
     return specs
 
 
+@pytest.mark.parametrize("frames", [9, 17, 33])
+def test_translation_paths_fit_and_are_centred(frames):
+    """Every path stays inside the frame and its midpoint is within PATH_JITTER of the
+    centre along the motion, so the mean clip of a caption moves the captioned way."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(400):
+        spec = S.sample_spec(rng, "train", frames=frames)
+        if spec.motion not in S.TRANSLATIONS:
+            continue
+        seen.add(spec.motion)
+        start, end = spec.centre_at(0), spec.centre_at(frames - 1)
+        reach = 1.15 * S.SIZE_RADIUS[spec.size]
+        for c in (start, end):
+            assert reach <= c[0] <= 1 - reach and reach <= c[1] <= 1 - reach, spec
+        axis = 0 if spec.motion in ("left", "right") else 1
+        assert abs((start[axis] + end[axis]) / 2 - 0.5) <= S.PATH_JITTER + 1e-9, spec
+        sign = 1 if spec.motion in ("right", "down") else -1
+        assert sign * (end[axis] - start[axis]) > 0
+    assert seen == set(S.TRANSLATIONS)
+
+
 def test_metrics_are_right_on_ground_truth_renders():
     specs = _frame_specs()
     assert len(specs) >= 48

@@ -19,8 +19,9 @@ Captions, one regular pattern each::
 
 Geometry. Positions and speeds are fractions of the frame side, so a spec renders at any
 resolution. A translating shape moves at a constant ``speed`` (1.15-2.5 px/frame at 64
-px; capped lower for large shapes and long clips so the path fits); its start is chosen
-so the whole path over the clip length it was sampled for stays inside the frame. A
+px; capped lower for large shapes and long clips so the path fits); its path over the
+clip length it was sampled for stays inside the frame and is centred on it along the
+direction of motion (midpoint within ``PATH_JITTER`` of the centre; anywhere across it). A
 static shape sits anywhere it fits. Growing goes from the small
 to the large radius over that clip length, shrinking the other way. Edges are
 anti-aliased by 4x4 supersampling: sub-pixel motion stays smooth and there is no noise
@@ -61,7 +62,7 @@ from ..video import from_uint8
 logger = logging.getLogger(__name__)
 
 #: Bump when rendering changes, so a resumed data set can tell old clips from new.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: translation paths centred on the frame
 
 DEFAULT_SIZE = 64
 DEFAULT_FRAMES = 17  # 1 + 2 * 8: the slice VAE trains its image and its video path
@@ -99,6 +100,7 @@ SIZE_RADIUS = {"small": 0.11, "large": 0.18}
 _EXTENT = 1.15  # every shape lies within this many radii of its centre
 _MARGIN = 0.02  # kept free between the shape and the frame edge (fraction of the side)
 SPEED_RANGE = (0.018, 0.04)  # translation speed, fraction of the side per frame
+PATH_JITTER = 0.08  # a translation path's midpoint lies this close to the frame centre (along its axis)
 _SUPERSAMPLE = 4
 
 _DIRECTION = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -269,7 +271,12 @@ def sample_spec(rng: np.random.Generator, split: str = "train", still: bool = Fa
         speed = float(rng.uniform(min(SPEED_RANGE[0], top), top))
         travel = speed * steps
         dx, dy = _DIRECTION[motion]
-        along = rng.uniform(lo, hi - travel)  # the path [along, along + travel] fits
+        # The path [along, along + travel] is centred on the frame (within PATH_JITTER) so
+        # that the average clip of a caption shows its direction; with paths placed
+        # anywhere, the mean clips of "left" and "right" coincide and the direction word
+        # is only learnable from far subtler statistics (MODEL_CARD.md).
+        jitter = min(PATH_JITTER, max(0.0, (hi - lo - travel) / 2))
+        along = 0.5 + rng.uniform(-jitter, jitter) - travel / 2
         if dx:
             x = along if dx > 0 else along + travel
         else:
