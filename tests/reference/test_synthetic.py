@@ -99,7 +99,7 @@ def _frame_specs() -> list[S.ShapeSpec]:
 @pytest.mark.parametrize("frames", [9, 17, 33])
 def test_translation_paths_fit_and_are_centred(frames):
     """Every path stays inside the frame and its midpoint is within PATH_JITTER of the
-    centre along the motion, so the mean clip of a caption moves the captioned way."""
+    centre, so the mean clip of a caption moves the captioned way."""
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(400):
@@ -111,8 +111,9 @@ def test_translation_paths_fit_and_are_centred(frames):
         reach = 1.15 * S.SIZE_RADIUS[spec.size]
         for c in (start, end):
             assert reach <= c[0] <= 1 - reach and reach <= c[1] <= 1 - reach, spec
+        for axis in (0, 1):
+            assert abs((start[axis] + end[axis]) / 2 - 0.5) <= S.PATH_JITTER + 1e-9, spec
         axis = 0 if spec.motion in ("left", "right") else 1
-        assert abs((start[axis] + end[axis]) / 2 - 0.5) <= S.PATH_JITTER + 1e-9, spec
         sign = 1 if spec.motion in ("right", "down") else -1
         assert sign * (end[axis] - start[axis]) > 0
     assert seen == set(S.TRANSLATIONS)

@@ -20,9 +20,9 @@ Captions, one regular pattern each::
 Geometry. Positions and speeds are fractions of the frame side, so a spec renders at any
 resolution. A translating shape moves at a constant ``speed`` (1.15-2.5 px/frame at 64
 px; capped lower for large shapes and long clips so the path fits); its path over the
-clip length it was sampled for stays inside the frame and is centred on it along the
-direction of motion (midpoint within ``PATH_JITTER`` of the centre; anywhere across it). A
-static shape sits anywhere it fits. Growing goes from the small
+clip length it was sampled for stays inside the frame and passes through its centre
+(the path's midpoint lies within ``PATH_JITTER`` of the centre on both axes). A static
+shape sits anywhere it fits. Growing goes from the small
 to the large radius over that clip length, shrinking the other way. Edges are
 anti-aliased by 4x4 supersampling: sub-pixel motion stays smooth and there is no noise
 or texture, so an autoencoder reproduces it easily.
@@ -62,7 +62,7 @@ from ..video import from_uint8
 logger = logging.getLogger(__name__)
 
 #: Bump when rendering changes, so a resumed data set can tell old clips from new.
-GENERATOR_VERSION = 2  # 2: translation paths centred on the frame
+GENERATOR_VERSION = 2  # 2: translation paths through the frame centre
 
 DEFAULT_SIZE = 64
 DEFAULT_FRAMES = 17  # 1 + 2 * 8: the slice VAE trains its image and its video path
@@ -271,16 +271,17 @@ def sample_spec(rng: np.random.Generator, split: str = "train", still: bool = Fa
         speed = float(rng.uniform(min(SPEED_RANGE[0], top), top))
         travel = speed * steps
         dx, dy = _DIRECTION[motion]
-        # The path [along, along + travel] is centred on the frame (within PATH_JITTER) so
-        # that the average clip of a caption shows its direction; with paths placed
-        # anywhere, the mean clips of "left" and "right" coincide and the direction word
-        # is only learnable from far subtler statistics (MODEL_CARD.md).
+        # The path [along, along + travel] passes through the frame centre (its midpoint
+        # within PATH_JITTER of it on both axes) so that the average clip of a caption
+        # shows its direction; with paths placed anywhere, the mean clips of "left" and
+        # "right" coincide and a small DiT does not learn the direction word (MODEL_CARD.md).
         jitter = min(PATH_JITTER, max(0.0, (hi - lo - travel) / 2))
         along = 0.5 + rng.uniform(-jitter, jitter) - travel / 2
+        across = 0.5 + rng.uniform(-PATH_JITTER, PATH_JITTER)
         if dx:
-            x = along if dx > 0 else along + travel
+            x, y = (along if dx > 0 else along + travel), across
         else:
-            y = along if dy > 0 else along + travel
+            y, x = (along if dy > 0 else along + travel), across
     elif motion in ("growing", "shrinking"):
         speed = (SIZE_RADIUS["large"] - SIZE_RADIUS["small"]) / steps
     return ShapeSpec(shape=shape, colour=colour, background=background, size=size, motion=motion,
