@@ -36,9 +36,22 @@ def test_vae_reconstructs_heldout_clips(pipe):
     assert report.vae_psnr >= 27.0, report.vae_psnr
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped DiT is below the issue-3 colour bar "
-                   "(18.8% on 48 held-out prompts, MODEL_CARD.md); strict, so CI says when it passes")
-def test_colour_on_heldout_prompts(pipe):
+@pytest.fixture(scope="module")
+def heldout_report(pipe):
     """A few-prompt slice of benchmarks/eval_shapes.py: held-out combinations, fixed seeds."""
-    report = evaluate(pipe, prompts=6, vae_clips=0)
-    assert report.colour_rate >= 0.8, report.rows
+    return evaluate(pipe, prompts=6, vae_clips=0)
+
+
+def test_direction_on_heldout_prompts(heldout_report):
+    assert heldout_report.direction_prompts >= 4
+    assert heldout_report.direction_rate >= 0.7, heldout_report.rows
+
+
+def test_coherent_blob_on_heldout_prompts(heldout_report):
+    assert heldout_report.coherent_rate >= 0.8, heldout_report.rows
+
+
+def test_colour_on_heldout_prompts(heldout_report):
+    """Regression check on the CI slice. Over the full 48 prompts the model is at 56%,
+    below the issue-3 bar of 80% (MODEL_CARD.md, benchmarks/eval_shapes.py)."""
+    assert heldout_report.colour_rate >= 0.8, heldout_report.rows

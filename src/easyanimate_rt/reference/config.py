@@ -364,7 +364,7 @@ _SHAPES = ModelConfig(
     dit=DiTConfig(num_layers=8, num_attention_heads=4, attention_head_dim=32, caption_channels=64,
                   sample_size=8, temporal_num_heads=4, temporal_block_size=2, temporal_max_positions=64,
                   prediction_type="v_prediction"),
-    sampling=SamplingDefaults(height=64, width=64, frames=17, fps=8, steps=25, guidance_scale=4.5),
+    sampling=SamplingDefaults(height=64, width=64, frames=17, fps=8, steps=25, guidance_scale=2.5),
 )
 
 PRESETS: dict[str, ModelConfig] = {

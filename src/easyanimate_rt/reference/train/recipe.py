@@ -48,7 +48,7 @@ class ShapesRecipe:
     vae_clip_frames: int = 9
     dit_image_steps: int = 2000
     dit_lowres_steps: int = 1000
-    dit_video_steps: int = 5000
+    dit_video_steps: int = 10000
     dit_batch: int = 16
     dit_lr: float = 3e-4               # from-scratch backbone, small model: higher than PixArt's 2e-5
     cache_size: int = 2048
