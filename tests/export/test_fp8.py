@@ -114,8 +114,9 @@ def test_qdq_graph_equals_the_torch_simulation(exports, held_out):
             simulated = model.dit(*(r[k] for k in fp8.DIT_INPUTS))
         # Identical up to values that fp32 noise (ORT vs torch kernels) tips to the other
         # fp8 neighbour (12.5% apart); those flips compound over the blocks. Measured:
-        # 0.99992 (tiny), 0.99981 (shapes with unit-variance latents).
-        assert cosine(torch.from_numpy(actual), simulated) >= 0.999
+        # 0.99992 (tiny), 0.99981 (the epsilon shapes model), 0.99841 (the v-prediction
+        # shapes model shipped now).
+        assert cosine(torch.from_numpy(actual), simulated) >= 0.998
 
 
 def test_qdq_graph_equals_modelopt_fake_quantisation(exports, modelopt_run):
