@@ -118,42 +118,36 @@ def main(argv=None) -> int:
     cfg = from_preset(args.preset)
     timings, marks = {}, {}
     out = args.out or Path(tempfile.mkdtemp(prefix="export-memory-"))
-    t0 = time.perf_counter()
-    dog.enter("build")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        dit = VideoDiT(cfg.dit).eval()
-        for p in dit.parameters():  # random weights everywhere (no zero-initialised branches)
-            if not p.any():
-                p.normal_(0, 0.02)
-    timings["build"] = time.perf_counter() - t0
-    marks["build"] = rss_bytes()
-    model = types.SimpleNamespace(dit=dit, config=cfg)
+
+    def stage(name, fn, collect=False):
+        """Run one export stage: its wall time, the watchdog's peak and the RSS after it."""
+        dog.enter(name)
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - t0
+        if collect:
+            gc.collect()
+        marks[name] = rss_bytes()
+        return result
+
+    def build():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            dit = VideoDiT(cfg.dit).eval()
+            for p in dit.parameters():  # random weights everywhere (no zero-initialised branches)
+                if not p.any():
+                    p.normal_(0, 0.02)
+        return dit
+
+    model = types.SimpleNamespace(dit=stage("build", build), config=cfg)
     spec = dit_spec(cfg, args.precision)
-
-    dog.enter("trace")
-    t0 = time.perf_counter()
-    ir_model = trace(model, spec)
-    timings["trace"] = time.perf_counter() - t0
-    gc.collect()
-    marks["trace"] = rss_bytes()
-
-    dog.enter("lower")
-    t0 = time.perf_counter()
-    stats = lower(ir_model, spec)
-    timings["lower"] = time.perf_counter() - t0
-    gc.collect()
-    marks["lower"] = rss_bytes()
-
-    dog.enter("write")
-    t0 = time.perf_counter()
-    spec = write_graph(ir_model, spec, out / "dit", stats=stats)
-    timings["write"] = time.perf_counter() - t0
-    marks["write"] = rss_bytes()
+    ir_model = stage("trace", lambda: trace(model, spec), collect=True)
+    stats = stage("lower", lambda: lower(ir_model, spec), collect=True)
+    spec = stage("write", lambda: write_graph(ir_model, spec, out / "dit", stats=stats))
     dog.stop()
     peak = max(dog.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
-    rows = [(stage, timings[stage], dog.peaks.get(stage, 0), marks[stage]) for stage in timings]
+    rows = [(name, timings[name], dog.peaks.get(name, 0), marks[name]) for name in timings]
     print(f"\n{'stage':8s} {'seconds':>8s} {'peak RSS GiB':>13s} {'RSS after GiB':>14s}")
     for stage, sec, pk, after in rows:
         print(f"{stage:8s} {sec:8.1f} {pk / GB:13.2f} {after / GB:14.2f}")
