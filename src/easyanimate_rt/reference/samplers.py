@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
+from .config import PREDICTION_TYPES
 
 Index = int | Tensor
 
@@ -171,8 +172,8 @@ class Sampler(abc.ABC):
         """
         if prediction_type == "epsilon":
             return output
-        if prediction_type != "v_prediction":
-            raise InputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise InputError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         alpha, sigma_vp = self._row(i, self._vp).unbind()
         return alpha * output.float() + sigma_vp * model_input.float()
 

@@ -32,6 +32,7 @@ from ..errors import CheckpointError
 from .config import DiTConfig, ModelConfig, from_preset
 from .dit import VideoDiT
 from .io import atomic_save_safetensors, atomic_write_text, replace_dir
+from .samplers import NoiseSchedule
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .vae import SliceVAE
 
@@ -172,8 +173,6 @@ _UPSTREAM_DIT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim",
                       "patch_size", "sample_size", "caption_channels")
 
 
-# The training schedule every sampler here assumes (samplers.NoiseSchedule's defaults).
-_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
 def _upstream_scheduler(path: Path) -> dict[str, Any]:
@@ -183,7 +182,10 @@ def _upstream_scheduler(path: Path) -> dict[str, Any]:
     if not file.exists():
         return {}
     raw = json.loads(file.read_text())
-    for key, want in _SCHEDULE.items():
+    schedule = NoiseSchedule()  # the training schedule every sampler here assumes
+    expected = {"num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
+                "beta_end": schedule.beta_end, "beta_schedule": "linear"}
+    for key, want in expected.items():
         got = raw.get(key, want)
         if got != want and not (isinstance(want, float) and isinstance(got, (int, float))
                                 and abs(got - want) <= 1e-12):

@@ -13,6 +13,7 @@ import torch.nn.functional as F_
 from torch import nn
 
 from ...errors import CheckpointError, ConfigError
+from ..config import PREDICTION_TYPES
 from ..samplers import NoiseSchedule
 
 
@@ -143,8 +144,8 @@ def _normal_kl(mean1, logvar1, mean2, logvar2):
 
 class DiffusionLoss:
     """Epsilon MSE, plus the variational bound for learned-variance channels (IDDPM
-    "hybrid" objective, as PixArt trains). The VLB sees a stop-gradient epsilon so it only
-    trains the variance, as in IDDPM.
+    "hybrid" objective, as PixArt trains). The VLB sees the x0 implied by the stop-gradient
+    prediction, so it only trains the variance, as in IDDPM.
 
     ``snr_weight_cap`` > 1 weights each sample's epsilon MSE by clamp(1 / SNR_t, 1, cap),
     normalised by the weights' mean over t: where the signal is below the noise the
@@ -158,15 +159,14 @@ class DiffusionLoss:
     ``prediction_type="v_prediction"`` trains v = sqrt(abar) eps - sqrt(1 - abar) x0
     instead (MSE on v; the logged "mse" is then the v MSE). v is well conditioned at
     every t: at t = 999 it is about -x0, so no precision beyond the data's is needed.
-    The VLB sees the x0 implied by the (stop-gradient) prediction.
     """
 
     def __init__(self, schedule: NoiseSchedule, learn_sigma: bool, snr_weight_cap: float = 1.0,
                  prediction_type: str = "epsilon"):
         if not snr_weight_cap >= 1.0:
             raise ConfigError(f"snr_weight_cap must be >= 1, got {snr_weight_cap!r}")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         self.schedule = schedule
         self.learn_sigma = learn_sigma
         self.prediction_type = prediction_type
@@ -193,17 +193,14 @@ class DiffusionLoss:
         c = x0.shape[1]
         pred = model_out[:, :c].float()
         a, s = self._at("sqrt_abar", t, x0), self._at("sqrt_1m_abar", t, x0)
-        if self.prediction_type == "epsilon":
-            target = noise.float()
-            x0_pred = (xt.float() - s * pred.detach()) / a
-        else:
-            target = a * noise.float() - s * x0.float()
-            x0_pred = a * xt.float() - s * pred.detach()
+        eps_pred = self.prediction_type == "epsilon"
+        target = noise.float() if eps_pred else a * noise.float() - s * x0.float()
         per_sample = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
         mse = per_sample.mean()
         loss = (per_sample * self.weight.to(per_sample.device)[t]).mean()
         if not self.learn_sigma:
             return loss, {"mse": mse.item()}
+        x0_pred = (xt.float() - s * pred.detach()) / a if eps_pred else a * xt.float() - s * pred.detach()
         frac = (model_out[:, c:].float() + 1) / 2                       # variance interpolation
         min_log, max_log = self._at("post_logvar", t, x0), self._at("log_beta", t, x0)
         model_logvar = frac * max_log + (1 - frac) * min_log
