@@ -15,7 +15,7 @@ from easyanimate_rt.reference.train import common
 from easyanimate_rt.reference.train.common import (DistEnv, TrainingInterrupted, latest_checkpoint,
                                                    load_checkpoint, save_checkpoint)
 from easyanimate_rt.reference.train.dit_trainer import DiTStage, DiTTrainConfig, train_dit
-from easyanimate_rt.reference.train.losses import LPIPS, DiffusionLoss
+from easyanimate_rt.reference.train.losses import LPIPS, DiffusionLoss, reconstruction_loss
 from easyanimate_rt.reference.train.synthetic import ShapesDataset
 from easyanimate_rt.reference.train.vae_trainer import VAETrainConfig, train_vae
 from easyanimate_rt.reference.vae import SliceVAE
@@ -170,6 +170,25 @@ def test_vlb_matches_gaussian_kl():
     assert abs(values["mse"] - float((out[:, :4] - noise).pow(2).mean())) < 1e-6
 
 
+def test_reconstruction_loss_weights_object_pixels():
+    """An object of 4 pixels on a flat 8x8 frame: unweighted, every pixel counts once;
+    with foreground_weight 9 the object's pixels count 10 times."""
+    video = torch.full((1, 3, 1, 8, 8), -0.5)
+    video[:, 0, :, 2:4, 2:4] = 0.8                        # 4 object pixels, red channel
+    err = torch.zeros_like(video)
+    err[:, 1, :, 2:4, 2:4] = 0.2                          # hue error on the object only
+    err[:, 2, :, 6:, 6:] = 0.1                            # a background error elsewhere
+    rec = video + err
+    plain = (0.2 * 4 + 0.1 * 4) / (3 * 64)
+    assert reconstruction_loss(rec, video) == pytest.approx(plain)
+    l2 = (0.2 * 4 + 2 * 0.04 * 4 + 0.1 * 4 + 2 * 0.01 * 4) / (3 * 64)
+    assert reconstruction_loss(rec, video, mse_weight=2.0) == pytest.approx(l2)
+    weighted = (10 * 0.2 * 4 + 0.1 * 4) / (3 * (60 + 10 * 4))
+    assert reconstruction_loss(rec, video, foreground_weight=9.0) == pytest.approx(weighted)
+    with pytest.raises(ConfigError, match="foreground_weight"):
+        VAETrainConfig(foreground_weight=-1.0)
+
+
 def test_snr_weighted_loss_grades_x0_error_at_high_noise():
     """cap 1 is the plain epsilon MSE; with a cap, each sample's epsilon MSE is weighted
     by clamp(1/SNR_t, 1, cap) / mean_t(weight), i.e. by its implied x0 error where the
@@ -254,3 +273,24 @@ def test_stage_lr_warms_up_holds_and_decays():
     assert [stage_lr_factor(flat, i, 10) for i in (0, 50, 99)] == [pytest.approx(0.1), 1.0, 1.0]
     with pytest.raises(ConfigError):
         DiTStage("s", 100, 8, 8, decay_fraction=1.5)
+
+
+def test_shapes_recipe_runs_every_phase_and_writes_a_loadable_model(tmp_path):
+    """The shipped model's recipe at one step per stage: tokenizer, frozen T5, the three
+    VAE stages, the three DiT stages and a model directory that generates."""
+    from easyanimate_rt.reference.pipeline import ReferencePipeline
+    from easyanimate_rt.reference.train.recipe import ShapesRecipe, train_shapes
+
+    recipe = ShapesRecipe(scale=1e-6, cache_size=4, scale_clips=2)
+    out = train_shapes(tmp_path / "model", tmp_path / "run", recipe, progress=False)
+    for stage in ("vae", "vae_decoder", "vae_object", "dit"):
+        assert latest_checkpoint(tmp_path / "run" / stage) is not None, stage
+    decoder_stage, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "run" / "vae_decoder"))
+    object_stage, state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run" / "vae_object"))
+    assert state["config"]["foreground_weight"] == recipe.vae_foreground_weight
+    # Stage 3 trains the whole VAE again, although stage 2 froze the encoder of the same module.
+    key = "encoder.conv_in.weight"
+    assert not torch.equal(decoder_stage[key], object_stage[key])
+    video = ReferencePipeline.from_pretrained(out).generate("a red circle moving left", steps=2,
+                                                            frames=1, seed=0).frames
+    assert video.shape == (1, recipe.size, recipe.size, 3)

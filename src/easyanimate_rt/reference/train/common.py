@@ -298,6 +298,17 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
+def lr_factor(step: int, steps: int, warmup_steps: int = 0, decay_fraction: float = 0.0) -> float:
+    """Learning-rate multiplier at 0-based ``step`` of ``steps``: linear warm-up over the
+    first ``warmup_steps``, constant, then linear decay to 0 over the last
+    ``decay_fraction`` of the steps."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    decay_steps = round(steps * decay_fraction)
+    if decay_steps == 0:
+        return warm
+    return warm * min(1.0, (steps - step) / decay_steps)
+
+
 def run_steps(start: int, end: int, step_fn, save_fn, metrics: MetricsLog, stage_of, env: DistEnv,
               checkpoint_every: int, log_every: int, progress: bool = True, desc: str = "train") -> int:
     """Run ``step_fn(step) -> metrics`` for steps [start, end).

@@ -32,8 +32,8 @@ from ..io import atomic_path
 from ..samplers import NoiseSchedule
 from ..text import TextEncoder
 from ..vae import SliceVAE
-from .common import (EMA, DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint,
-                     load_checkpoint, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
+from .common import (EMA, DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint, load_checkpoint,
+                     lr_factor, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
 from .losses import DiffusionLoss
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,8 @@ class DiTTrainConfig:
 
 
 def stage_lr_factor(stage: DiTStage, local: int, warmup_steps: int) -> float:
-    """Linear warm-up over the stage's first steps, constant, then (with
-    ``decay_fraction``) linear decay to 0 over its last steps."""
-    warm = min(1.0, (local + 1) / max(1, warmup_steps))
-    decay_steps = round(stage.steps * stage.decay_fraction)
-    if decay_steps == 0:
-        return warm
-    return warm * min(1.0, (stage.steps - local) / decay_steps)
+    """Learning-rate multiplier at step ``local`` of ``stage`` (see ``common.lr_factor``)."""
+    return lr_factor(local, stage.steps, warmup_steps, stage.decay_fraction)
 
 
 SourceFactory = Callable[[DiTStage], tuple[Dataset, Dataset]]  # stage -> (stills, clips)

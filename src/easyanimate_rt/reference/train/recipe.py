@@ -2,7 +2,8 @@
 
 1. tokenizer: sentencepiece trained on every caption the synthetic world can make;
 2. text encoder: a small T5 with random weights, frozen (the DiT learns to read it);
-3. Slice VAE: stage 1 whole VAE, stage 2 decoder only;
+3. Slice VAE: stage 1 whole VAE, stage 2 decoder only, stage 3 whole VAE again with
+   object pixels weighted (``reconstruction_loss``), so hues survive in the latent;
 4. DiT: the paper's three stages (images; low-resolution video; full video);
 5. the model directory (EMA DiT weights), written atomically.
 
@@ -46,9 +47,12 @@ class ShapesRecipe:
     vae_lr: float = 3e-4               # small VAE trained from scratch: above the paper's 1e-4
     vae_mse_weight: float = 2.0        # L1 alone learns the background before the objects
     vae_clip_frames: int = 9
+    vae_object_steps: int = 3000       # stage 3: object pixels weighted, so hues survive encoding
+    vae_object_lr: float = 1e-4
+    vae_foreground_weight: float = 10.0
     dit_image_steps: int = 2000
     dit_lowres_steps: int = 1000
-    dit_video_steps: int = 10000
+    dit_video_steps: int = 15000
     dit_batch: int = 16
     dit_lr: float = 3e-4               # from-scratch backbone, small model: higher than PixArt's 2e-5
     cache_size: int = 2048
@@ -99,6 +103,11 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
                              seed=recipe.seed + 1, image_fraction=0.25)
     # Stage 2 starts from stage 1's weights (loaded above) unless it has its own checkpoint.
     vae = train_vae(vae, stills, clips, s2, run_dir / "vae_decoder", env, resume, progress)
+    # Small objects are a few percent of the pixels: after stages 1-2 the encoder maps
+    # orange and yellow (or green and red) objects on white to nearly the same latent.
+    s3 = dataclasses.replace(s1, steps=recipe.steps(recipe.vae_object_steps), lr=recipe.vae_object_lr,
+                             foreground_weight=recipe.vae_foreground_weight, decay_fraction=0.2)
+    vae = train_vae(vae, stills, clips, s3, run_dir / "vae_object", env, resume, progress)
     times["vae"] = time.perf_counter() - t0
     if "dit" not in phases:
         return None

@@ -21,10 +21,10 @@ from torch.utils.data import Dataset
 
 from ...errors import ConfigError
 from ..vae import SliceVAE
-from .common import (DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint,
-                     load_checkpoint, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
+from .common import (DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint, load_checkpoint,
+                     lr_factor, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
 from .losses import (LPIPS, ClipDiscriminator3D, FramePatchGAN, adaptive_gan_weight, hinge_d_loss,
-                     kl_standard_normal)
+                     kl_standard_normal, reconstruction_loss)
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,11 @@ class VAETrainConfig:
     steps: int = 2000
     batch_size: int = 4
     lr: float = 1e-4
+    decay_fraction: float = 0.0        # the lr decays linearly to 0 over this last share of steps
     betas: tuple[float, float] = (0.5, 0.9)
     kl_weight: float = 1e-6
     mse_weight: float = 0.0            # extra L2 term: small objects on flat backgrounds
+    foreground_weight: float = 0.0     # extra weight of object pixels (see reconstruction_loss)
     image_fraction: float = 0.25       # share of steps whose batch is single images
     decoder_only: bool = False         # stage 2: encoder frozen
     gan_start: int | None = None       # step at which the GAN loss switches on; None = never
@@ -56,6 +58,11 @@ class VAETrainConfig:
                 raise ConfigError(f"VAETrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.crop is not None and (self.crop < 8 or self.crop % 8):
             raise ConfigError(f"VAETrainConfig.crop must be a multiple of 8, got {self.crop}")
+        if self.mse_weight < 0 or self.foreground_weight < 0:
+            raise ConfigError("VAETrainConfig.mse_weight and foreground_weight must be >= 0, got "
+                              f"{self.mse_weight} and {self.foreground_weight}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"VAETrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not 0.0 <= self.image_fraction <= 1.0:
             raise ConfigError(f"VAETrainConfig.image_fraction must be in [0, 1], got {self.image_fraction}")
 
@@ -71,6 +78,7 @@ def train_vae(vae: SliceVAE, stills: Dataset, clips: Dataset, cfg: VAETrainConfi
     run_dir = Path(run_dir)
     vae.to(env.device).train()
     model = wrap_model(vae, env)
+    vae.requires_grad_(True)  # an earlier decoder-only stage on this module froze the encoder
     if cfg.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
@@ -91,14 +99,15 @@ def train_vae(vae: SliceVAE, stills: Dataset, clips: Dataset, cfg: VAETrainConfi
         if use_gan and "discriminators" in state:
             discs.load_state_dict(state["discriminators"])
             opt_d.load_state_dict(state["optimizer_d"])
-        for group in opt.param_groups:  # the config, not the checkpoint, sets the rate
-            group["lr"] = cfg.lr
         start = state["step"]
         log.info("resumed VAE training from %s (step %d)", ckpt, start)
 
     world, rank, b = env.world_size, env.rank, cfg.batch_size
 
     def step_fn(step: int) -> dict[str, float]:
+        lr = cfg.lr * lr_factor(step, cfg.steps, decay_fraction=cfg.decay_fraction)
+        for group in opt.param_groups:  # the config, not a resumed checkpoint, sets the rate
+            group["lr"] = lr
         g = step_generator(cfg.seed, step)
         is_image = bool(torch.rand((), generator=g) < cfg.image_fraction)
         source = stills if is_image else clips
@@ -117,11 +126,10 @@ def train_vae(vae: SliceVAE, stills: Dataset, clips: Dataset, cfg: VAETrainConfi
         with autocast(env.device, cfg.bf16):
             rec, mean, logvar = model(video, generator=None if env.device.type == "cuda" else noise_gen)
         rec = rec.float()
-        rec_loss = F_.l1_loss(rec, video)
-        if cfg.mse_weight:
-            # L1 alone is median-seeking: with a small object on a flat background the
-            # decoder first learns to paint the background only; L2 pulls the object in.
-            rec_loss = rec_loss + cfg.mse_weight * F_.mse_loss(rec, video)
+        # L1 alone is median-seeking: with a small object on a flat background the decoder
+        # first learns to paint the background only; L2 and the foreground weight pull
+        # the object (and its hue) in.
+        rec_loss = reconstruction_loss(rec, video, cfg.mse_weight, cfg.foreground_weight)
         kl = kl_standard_normal(mean.float(), logvar.float())
         loss = rec_loss + cfg.kl_weight * kl
         values = {"l1": F_.l1_loss(rec, video).item(), "kl": kl.item()}
