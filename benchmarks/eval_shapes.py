@@ -2,7 +2,7 @@
 
     python benchmarks/eval_shapes.py [--model DIR] [--prompts 48] [--json out.json]
 
-Prints VAE reconstruction PSNR on held-out clips and, over >= 48 held-out prompts with
+Prints VAE reconstruction PSNR on held-out clips (and how many keep their colour) and, over >= 48 held-out prompts with
 fixed seeds, the share of videos whose dominant colour matches the prompt, whose
 centroid moves in the prompted direction, and whose object stays one coherent blob.
 """
@@ -54,6 +54,9 @@ def main(argv=None) -> int:
         good = v >= target
         ok &= good
         print(f"{k:18s} {v:8.3f} {target:8.3f} {'ok' if good else 'BELOW'}")
+    if summary["vae_colour_rate"] is not None:
+        print(f"{'vae_colour_rate':18s} {summary['vae_colour_rate']:8.3f} {'':8s} (reconstructions "
+              "keeping the clip's colour: the ceiling of colour_rate)")
     print(f"prompts={report.prompts} (direction on {report.direction_prompts}); "
           f"{report.seconds_per_video:.2f} s/video on {args.device} ({torch.get_num_threads()} threads)")
     if args.json:

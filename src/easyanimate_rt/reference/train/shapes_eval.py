@@ -4,7 +4,9 @@ Used by ``benchmarks/eval_shapes.py`` (the full evaluation in MODEL_CARD.md) and
 small CI test. Prompts are the captions of held-out (colour, shape, motion)
 combinations, which never appear in training; seeds are fixed.
 
-- VAE: PSNR of encode -> decode on held-out clips (uint8 frames, 255 peak).
+- VAE: PSNR of encode -> decode on held-out clips (uint8 frames, 255 peak), and the
+  share of reconstructions whose dominant colour is still the clip's (the ceiling of
+  the generation colour metric: a hue the latent loses, the DiT cannot draw).
 - Generation: dominant colour matches the prompt; centroid direction matches for
   translating motions; the object stays one coherent blob (see shapes_metrics).
 """
@@ -20,13 +22,14 @@ import torch
 
 from ..pipeline import ReferencePipeline
 from ..video import from_uint8, to_uint8
-from .shapes_metrics import psnr, score_video
+from .shapes_metrics import dominant_colour, psnr, score_video
 from .synthetic import TRANSLATIONS, ShapesDataset, ShapeSpec
 
 
 @dataclass
 class ShapesReport:
     vae_psnr: float | None = None
+    vae_colour_rate: float | None = None
     prompts: int = 0
     colour_rate: float = 0.0
     direction_rate: float = 0.0
@@ -54,16 +57,19 @@ def heldout_specs(n: int, frames: int, size: int, seed: int = 1234, translating_
 
 
 @torch.no_grad()
-def vae_psnr(pipe: ReferencePipeline, clips: int, frames: int, size: int, seed: int = 99) -> float:
+def vae_fidelity(pipe: ReferencePipeline, clips: int, frames: int, size: int, seed: int = 99
+                 ) -> tuple[float, float]:
+    """(mean PSNR, share of clips whose reconstruction keeps the dominant colour)."""
     ds = ShapesDataset(split="heldout", frames=frames, size=size, length=clips, seed=seed)
     vae = pipe.model.vae
-    values = []
+    psnrs, colour_ok = [], []
     for i in range(clips):
         truth = ds.frames_of(i)                                             # (F, H, W, 3)
         video = from_uint8(truth)[None].to(pipe.device)
-        recon = vae.decode(vae.encode(video))
-        values.append(psnr(to_uint8(recon[0]), truth))
-    return float(np.mean(values))
+        recon = to_uint8(vae.decode(vae.encode(video))[0])
+        psnrs.append(psnr(recon, truth))
+        colour_ok.append(dominant_colour(recon) == ds.spec(i).colour)
+    return float(np.mean(psnrs)), float(np.mean(colour_ok))
 
 
 def evaluate(pipe: ReferencePipeline, prompts: int = 48, vae_clips: int = 16, steps: int | None = None,
@@ -73,7 +79,7 @@ def evaluate(pipe: ReferencePipeline, prompts: int = 48, vae_clips: int = 16, st
     size, frames = cfg.height, cfg.frames
     report = ShapesReport()
     if vae_clips:
-        report.vae_psnr = vae_psnr(pipe, vae_clips, frames, size)
+        report.vae_psnr, report.vae_colour_rate = vae_fidelity(pipe, vae_clips, frames, size)
     specs = heldout_specs(prompts, frames, size)
     t0 = time.perf_counter()
     for k, spec in enumerate(specs):
