@@ -2,9 +2,10 @@
 
     python benchmarks/eval_shapes.py [--model DIR] [--prompts 48] [--json out.json]
 
-Prints VAE reconstruction PSNR on held-out clips (and how many keep their colour) and, over >= 48 held-out prompts with
-fixed seeds, the share of videos whose dominant colour matches the prompt, whose
-centroid moves in the prompted direction, and whose object stays one coherent blob.
+Prints VAE reconstruction PSNR on held-out clips (and how many keep their colour) and,
+over >= 48 held-out prompts with fixed seeds, the share of videos whose dominant colour
+matches the prompt, whose centroid moves in the prompted direction, and whose object
+stays one coherent blob.
 """
 
 from __future__ import annotations

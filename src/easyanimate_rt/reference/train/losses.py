@@ -22,6 +22,7 @@ from ..samplers import NoiseSchedule
 #: Foreground threshold of ``reconstruction_loss`` on [-1, 1] pixels (5% of the range).
 FOREGROUND_THRESHOLD = 0.1
 
+
 def kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)), summed over latent elements, mean over batch."""
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
@@ -37,7 +38,7 @@ def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, mse_weight: floa
     per-channel median (the background, where objects are small) by more than
     ``threshold`` in some channel weighs ``1 + foreground_weight``. On flat backgrounds
     a small object is a few percent of the pixels: unweighted, its hue errors barely
-    move the loss and the decoder drifts to neighbouring hues (red drawn orange).
+    move the loss, and the VAE encodes neighbouring hues alike (orange and yellow).
     """
     err = (rec - video).abs()
     if mse_weight:
