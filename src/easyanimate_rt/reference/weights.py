@@ -173,8 +173,6 @@ _UPSTREAM_DIT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim",
                       "patch_size", "sample_size", "caption_channels")
 
 
-
-
 def _upstream_scheduler(path: Path) -> dict[str, Any]:
     """DiTConfig overrides from ``scheduler/config.json`` (its prediction type); a schedule
     other than the one the samplers implement is refused rather than silently misused."""
