@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from easyanimate_rt.reference.pipeline import ReferencePipeline
-from easyanimate_rt.reference.train.shapes_eval import evaluate
-from easyanimate_rt.runtime.cli import default_model
+from easyanimate_rt.shapes.evaluate import evaluate
+from easyanimate_rt.cli import default_model
 
 TARGETS = {"vae_psnr": 28.0, "colour_rate": 0.80, "direction_rate": 0.70, "coherent_rate": 0.80}
 

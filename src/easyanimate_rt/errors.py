@@ -44,3 +44,13 @@ class MissingDependencyError(EasyAnimateError, ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class TrainingInterrupted(EasyAnimateError):
+    """Raised after a stop signal, once the checkpoint of the last finished step is saved."""
+
+    def __init__(self, step: int, checkpoint: object | None):
+        super().__init__(f"training stopped at step {step}; resume with --resume "
+                         f"(checkpoint: {checkpoint})")
+        self.step = step
+        self.checkpoint = checkpoint

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from needs import require
 
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> dict:
-    pytest.importorskip("cv2")
+    require("cv2")
     from data_synth import PAN_PX_PER_FRAME, cut_video_frames, pan_frames, text_frames, write_video
 
     root = tmp_path_factory.mktemp("synth")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
+from needs import require
 
-cv2 = pytest.importorskip("cv2")
+cv2 = require("cv2")
 
 FPS = 10
 CUTS = (43, 87)  # first frames of scenes 2 and 3

@@ -2,8 +2,9 @@ import textwrap
 
 import pytest
 import torch
+from needs import require
 
-pytest.importorskip("cv2")
+require("cv2")
 
 from easyanimate_rt.data.caption import (  # noqa: E402
     CaptionConfig,

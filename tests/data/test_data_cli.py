@@ -3,6 +3,7 @@ import shutil
 import textwrap
 
 import pytest
+from needs import require
 
 from easyanimate_rt.data import cli
 from easyanimate_rt.data.filter import Range
@@ -39,7 +40,7 @@ def test_missing_input_is_an_input_error(tmp_path, capsys):
 
 
 def test_pipeline_end_to_end(synth, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("scenedetect")
+    require("scenedetect")
     raw = tmp_path / "raw"
     raw.mkdir()
     shutil.copy(synth["cuts"], raw / "cuts.mp4")

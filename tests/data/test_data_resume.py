@@ -9,8 +9,9 @@ import textwrap
 import time
 
 import pytest
+from needs import require
 
-pytest.importorskip("cv2")
+require("cv2")
 
 from easyanimate_rt.data.cli import main_data  # noqa: E402
 from easyanimate_rt.data.manifest import read_manifest, write_manifest  # noqa: E402

@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from needs import require
 
-pytest.importorskip("cv2")
-pytest.importorskip("rapidocr")
+require("cv2")
+require("rapidocr")
 
 from data_synth import FPS, PAN_PX_PER_FRAME  # noqa: E402
 

@@ -2,12 +2,13 @@ import shutil
 
 import numpy as np
 import pytest
+from needs import require
 
-pytest.importorskip("scenedetect")
+require("scenedetect")
 
 from data_synth import CUT_VIDEO_FRAMES, CUTS, FPS, cut_video_frames, write_video
 
-from easyanimate_rt.data import video as vio
+from easyanimate_rt import media as vio
 from easyanimate_rt.data.cli import main_data
 from easyanimate_rt.data.manifest import read_manifest
 from easyanimate_rt.data.split import SplitConfig, detect_cuts, merge_cuts, plan_clips, split_videos

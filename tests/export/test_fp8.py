@@ -11,13 +11,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from exported import ci_models, ort_session, small_sampling
 
 from easyanimate_rt.export import fp8
-from easyanimate_rt.export.onnx import run_torch
+from easyanimate_rt.export.graphs import run_torch
 from easyanimate_rt.export.precision import DIT_FP8_EXCLUDE, PrecisionPolicy
 from easyanimate_rt.tolerances import check_close, cosine
-
-from .conftest import ci_models, ort_session, small_sampling
 
 HAVE_MODELOPT = importlib.util.find_spec("modelopt") is not None
 
@@ -156,8 +155,8 @@ def test_all_zero_layer_gets_a_usable_scale(tmp_path):
     fp16 graph runs without NaN and TensorRT accepts it."""
     import onnx_ir as ir
 
-    from easyanimate_rt.engines import rtx
-    from easyanimate_rt.export.onnx import GraphModule
+    from easyanimate_rt.engines import tensorrt_rtx as rtx
+    from easyanimate_rt.export.graphs import GraphModule
     from easyanimate_rt.export.passes import fold_and_cleanup
     from easyanimate_rt.export.precision import convert_precision
     from easyanimate_rt.export.spec import DimSpec, ExportSpec, Profile, TensorSpec

@@ -8,12 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from exported import ci_models, ort_session, parity_dims
 
-from easyanimate_rt.export.onnx import run_torch
+from easyanimate_rt.export.graphs import run_torch
 from easyanimate_rt.export.spec import DECODER_VARIANTS, decoder_variant
 from easyanimate_rt.tolerances import check_close
-
-from .conftest import ci_models, ort_session, parity_dims
 
 GRAPHS = ["text_encoder", "dit", "vae_encoder/image", "vae_encoder/slice"] + \
          [f"vae_decoder/{v}" for v in DECODER_VARIANTS]

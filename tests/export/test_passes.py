@@ -9,15 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from exported import ort_session
 from onnx import TensorProto, helper, numpy_helper
 
 from easyanimate_rt.errors import ExportError
 from easyanimate_rt.export import onnx as export_onnx
-from easyanimate_rt.export.onnx import run_torch, translation_table
+from easyanimate_rt.export.graphs import run_torch, translation_table
 from easyanimate_rt.export.passes import fold_and_cleanup, format_counts, node_counts, set_io_shapes
 from easyanimate_rt.tolerances import check_close
-
-from .conftest import ort_session
 
 
 class _Repeat(torch.nn.Module):

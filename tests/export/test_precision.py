@@ -8,15 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from exported import ci_models, ort_session, parity_dims, small_sampling
 from onnx import TensorProto, helper
 
 from easyanimate_rt.errors import ConfigError
 from easyanimate_rt.export import fp8
-from easyanimate_rt.export.onnx import run_torch
+from easyanimate_rt.export.graphs import run_torch
 from easyanimate_rt.export.precision import PrecisionPolicy, convert_precision, policy_for
 from easyanimate_rt.tolerances import check_close
-
-from .conftest import ci_models, ort_session, parity_dims, small_sampling
 
 FLOAT, FLOAT16, BFLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 

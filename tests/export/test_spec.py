@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 
 from easyanimate_rt.errors import ConfigError, ExportError, ShapeError
-from easyanimate_rt.export.spec import (DECODER_VARIANTS, NETWORKS, DimSpec, ExportSpec, decoder_variant,
-                                        decoder_variants, dit_spec, eval_dim, make_specs, vae_decoder_spec,
-                                        vae_encoder_spec)
+from easyanimate_rt.export.spec import (
+    DECODER_VARIANTS,
+    NETWORKS,
+    DimSpec,
+    ExportSpec,
+    decoder_variant,
+    decoder_variants,
+    dit_spec,
+    eval_dim,
+    make_specs,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 from easyanimate_rt.reference.config import from_preset
 from easyanimate_rt.reference.vae import SliceVAE
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from needs import require
 
 from easyanimate_rt.errors import ShapeError
 from easyanimate_rt.reference.config import from_preset
@@ -159,7 +160,7 @@ def test_bad_latent_shape_is_named():
 @torch.no_grad()
 @pytest.mark.parametrize("size", [(16, 24), (24, 8), (10, 14)])
 def test_parity_with_diffusers_pixart(size):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require("diffusers")
     from easyanimate_rt.reference.weights import dit_config_from_pixart, load_pixart_backbone
 
     ref = diffusers.PixArtTransformer2DModel(

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from needs import require
 
 from easyanimate_rt.errors import InputError
 from easyanimate_rt.reference.config import from_preset
 from easyanimate_rt.reference.pipeline import ReferencePipeline
-from easyanimate_rt.reference.video import read_video
+from easyanimate_rt.media import read_video
 from easyanimate_rt.reference.weights import random_model
 
 SMALL = dict(height=32, width=32, steps=2)
@@ -73,7 +74,7 @@ def test_v_prediction_model_follows_diffusers(pipe):
     configured with prediction_type="v_prediction" fed the same (guided) network outputs."""
     import dataclasses
 
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require("diffusers")
     dit = pipe.model.dit
     eps_config = dit.config
     dit.config = dataclasses.replace(eps_config, prediction_type="v_prediction")

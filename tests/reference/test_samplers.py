@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import require
 
 from easyanimate_rt.errors import InputError
 from easyanimate_rt.reference.samplers import SAMPLERS, NoiseSchedule, make_sampler
@@ -35,7 +36,7 @@ TRAIN = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_sche
 
 def reference(name: str, prediction_type: str = "epsilon"):
     """The diffusers scheduler ``name`` corresponds to, otherwise at its defaults."""
-    diffusers = pytest.importorskip("diffusers")  # a test-only dependency
+    diffusers = require("diffusers")  # a test-only dependency
     train = dict(TRAIN, prediction_type=prediction_type)
     if name == "ddim":
         return diffusers.DDIMScheduler(**train, clip_sample=False)

@@ -76,7 +76,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from easyanimate_rt.data.filter import FilterConfig, filter_manifest
-    from easyanimate_rt.reference.io import atomic_write_text
+    from easyanimate_rt.fileio import atomic_write_text
 
     src, dst = _stage_io(args, SCORES, FILTERED)
     config = FilterConfig(motion=args.motion, max_text=args.max_text, min_aesthetic=args.min_aesthetic,

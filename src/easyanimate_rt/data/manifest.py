@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from easyanimate_rt.errors import InputError
-from easyanimate_rt.reference.io import atomic_path
+from easyanimate_rt.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from easyanimate_rt.errors import CheckpointError, InputError, MissingDependencyError
-from easyanimate_rt.data import video as vio
+from easyanimate_rt import media as vio
 from easyanimate_rt.data.manifest import ClipRecord, rebase_path
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from easyanimate_rt.errors import InputError, MissingDependencyError
-from easyanimate_rt.data import video as vio
+from easyanimate_rt import media as vio
 
 logger = logging.getLogger(__name__)
 

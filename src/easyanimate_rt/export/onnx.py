@@ -19,34 +19,27 @@ Every graph directory is assembled under a temporary name and renamed into place
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
-import json
 import logging
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import ExportError, MissingDependencyError
-from ..reference.io import atomic_write_text, replace_dir
-from .passes import (PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts,
-                     set_io_shapes)
+from ..fileio import replace_dir
+from .graphs import graph_module, translation_table
+from .index import ExportIndex, load_export, write_index
+from .passes import PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts, set_io_shapes
 from .precision import WRAPPER_PREFIX, convert_precision
 from .spec import INPUTS_NAME, MODEL_NAME, ExportSpec, make_specs
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "export.json"
-INDEX_FORMAT = 1
-
 
 def _require_onnx() -> None:
     for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnx_ir", "onnxscript")):
@@ -54,61 +47,6 @@ def _require_onnx() -> None:
             __import__(module)
         except ImportError:
             raise MissingDependencyError(package, "export", "ONNX export") from None
-
-
-# --- the torch side of a graph ------------------------------------------------------------
-
-
-class GraphModule(nn.Module):
-    """The function one graph computes, as a module whose only child is ``net`` (so node
-    scopes read ``net.<module path>``; see ``precision.WRAPPER_PREFIX``)."""
-
-    def __init__(self, net: nn.Module, fn: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.net = net
-        self._fn = fn
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self._fn(self.net, *args)
-
-
-def _text(net, input_ids, attention_mask):
-    return net(input_ids, attention_mask)                         # (B, S, E)
-
-
-def _dit(net, latents, timestep, text, text_mask):
-    return net(latents, timestep, text, text_mask)                # (B, C', F, H, W)
-
-
-def _encode(net, frames):
-    return net.encode_slice(frames)                               # (B, 4, T', H/8, W/8)
-
-
-def _decode(net, context, start: int, length: int):
-    return net.decode_slice(context, start, length)               # (B, 3, F, 8h, 8w)
-
-
-def graph_module(model, spec: ExportSpec) -> GraphModule:
-    """The torch module computing ``spec``'s graph from a reference ``EasyAnimateModel``."""
-    if spec.network == "text_encoder":
-        return GraphModule(model.text_encoder, _text).eval()
-    if spec.network == "dit":
-        return GraphModule(model.dit, _dit).eval()
-    if spec.network == "vae_encoder":
-        return GraphModule(model.vae, _encode).eval()
-    if spec.network == "vae_decoder":
-        fn = functools.partial(_decode, start=spec.static["start"], length=spec.static["length"])
-        return GraphModule(model.vae, fn).eval()
-    raise ExportError(f"unknown network {spec.network!r}")
-
-
-@torch.no_grad()
-def run_torch(model, spec: ExportSpec, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The reference outputs of ``spec``'s graph for ``feeds`` (numpy or torch), float32."""
-    module = graph_module(model, spec)
-    args = [torch.as_tensor(np.asarray(feeds[t.name])) for t in spec.inputs]
-    out = module(*args)
-    return {spec.outputs[0].name: out.float().cpu().numpy()}
 
 
 @contextlib.contextmanager
@@ -144,49 +82,6 @@ def _quiet() -> Iterator[None]:
     for line in buffer.getvalue().splitlines():
         if line.strip():
             log.debug("%s", line)
-
-
-# --- the exporter's translation of repeat_interleave -----------------------------------------
-
-
-def _repeat_interleave_self_int(self, repeats, dim=None, output_size=None):
-    """``aten.repeat_interleave.self_int`` with a correct symbolic ``repeats``.
-
-    onnxscript's torchlib (0.7) builds the Expand shape as [1]*dim + [r] + [1]*(rank-dim)
-    where the repeated axis is dim+1, which is wrong unless B or F is 1; this DiT
-    repeats per-sample modulation over frames with a dynamic F. Unsqueeze after the
-    repeated axis, expand it to r, merge.
-    """
-    from onnxscript import opset18 as op
-
-    if dim is None:
-        self = op.Reshape(self, op.Constant(value_ints=[-1]))
-        dim, rank = 0, 1
-    else:
-        rank = len(self.shape)
-    pos = dim % rank
-    unsqueezed = op.Unsqueeze(self, op.Constant(value_ints=[pos + 1]))
-    if isinstance(repeats, int):
-        tiles = [1] * (rank + 1)
-        tiles[pos + 1] = repeats
-        expand_shape = op.Constant(value_ints=tiles)
-    else:
-        parts = [op.Constant(value_ints=[1] * (pos + 1)), op.Reshape(repeats, op.Constant(value_ints=[-1]))]
-        if rank - pos - 1:
-            parts.append(op.Constant(value_ints=[1] * (rank - pos - 1)))
-        expand_shape = op.Concat(*parts, axis=0)
-    tiled = op.Expand(unsqueezed, expand_shape)
-    parts = [op.Constant(value_ints=[-1])]
-    if pos:
-        parts.insert(0, op.Shape(self, start=0, end=pos))
-    if pos + 1 < rank:
-        parts.append(op.Shape(self, start=pos + 1))
-    final = op.Concat(*parts, axis=0) if len(parts) > 1 else parts[0]
-    return op.Reshape(tiled, final)
-
-
-def translation_table() -> dict:
-    return {torch.ops.aten.repeat_interleave.self_int: _repeat_interleave_self_int}
 
 
 # --- trace / lower / write ---------------------------------------------------------------------
@@ -265,13 +160,6 @@ def lower(ir_model, spec: ExportSpec, amax: Mapping[str, tuple[float, float]] | 
     return stats
 
 
-def copy_ir(ir_model):
-    """A deep copy of a (small) ``onnx_ir.Model``, e.g. to lower one trace several ways."""
-    import onnx_ir as ir
-
-    return ir.from_proto(ir.to_proto(ir_model))
-
-
 def _sha256(paths: Iterable[Path]) -> str:
     h = hashlib.sha256()
     for path in paths:
@@ -296,7 +184,6 @@ def _version() -> str:
         return version("easyanimate-rt")
     except Exception:
         return "0+unknown"
-
 
 
 def write_graph(ir_model, spec: ExportSpec, directory: str | Path,
@@ -364,28 +251,6 @@ def export_graph(model, spec: ExportSpec, out_dir: str | Path,
 # --- whole models ----------------------------------------------------------------------------
 
 
-@dataclass
-class ExportIndex:
-    """What an export directory holds: ``export.json`` plus every graph's spec."""
-
-    root: Path
-    model: str
-    source: str | None
-    seed: int
-    precision: str
-    specs: dict[str, ExportSpec]
-    config: dict[str, Any]
-
-    def spec(self, network: str, variant: str = "") -> ExportSpec:
-        key = f"{network}/{variant}" if variant else network
-        if key not in self.specs:
-            raise ExportError(f"{self.root} has no graph {key!r}; it has {sorted(self.specs)}")
-        return self.specs[key]
-
-    def path(self, key: str) -> Path:
-        return self.root / key / MODEL_NAME
-
-
 def export_model(model, out_dir: str | Path, precision: str = "fp32", networks: Iterable[str] | None = None,
                  *, source: str | None = None, seed: int = 0, vae_precision: str | None = None,
                  calibration: Mapping[str, Any] | None = None,
@@ -425,43 +290,9 @@ def export_model(model, out_dir: str | Path, precision: str = "fp32", networks: 
             progress(spec.key)
         extra = recorded if spec.precision.fp8 else None
         written[spec.key] = export_graph(model, spec, out_dir, amax, extra_inputs=extra)
-    index = {
-        "format": INDEX_FORMAT, "model": model.config.name, "source": source, "seed": seed,
-        "precision": precision,
-        "graphs": sorted(written), "config": model.config.to_dict(), "versions": _versions(),
-    }
-    old = _read_index(out_dir) if (out_dir / INDEX_NAME).exists() else None
-    if old and old.get("precision") == precision and old.get("model") == model.config.name:
-        index["graphs"] = sorted(set(old.get("graphs", [])) | set(written))
-    atomic_write_text(out_dir / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_index(out_dir, model=model.config.name, source=source, seed=seed, precision=precision,
+                graphs=written, config=model.config.to_dict(), versions=_versions())
     return load_export(out_dir)
 
 
-def _read_index(root: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((root / INDEX_NAME).read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{root} is not an export directory (no {INDEX_NAME})") from None
-    if data.get("format") != INDEX_FORMAT:
-        raise ExportError(f"{root / INDEX_NAME}: unsupported format {data.get('format')!r}")
-    return data
-
-
-def load_export(root: str | Path) -> ExportIndex:
-    """Read ``export.json`` and the spec of every graph it lists."""
-    root = Path(root)
-    data = _read_index(root)
-    specs = {key: ExportSpec.load(root / key) for key in data["graphs"]}
-    return ExportIndex(root, data["model"], data.get("source"), int(data.get("seed", 0)), data["precision"],
-                       specs, data["config"])
-
-
-def onnx_path_size(path: str | Path) -> int:
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-__all__ = ["GraphModule", "graph_module", "run_torch", "trace", "lower", "copy_ir", "write_graph",
-           "export_graph", "export_model", "load_export", "ExportIndex", "translation_table",
-           "INDEX_NAME"]
+__all__ = ["trace", "lower", "write_graph", "export_graph", "export_model"]

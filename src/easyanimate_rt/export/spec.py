@@ -18,7 +18,7 @@ Networks and graphs (names are the folder names under an export directory):
                                  (B, 4, Tc, h, w) -> frames (B, 3, F, 8h, 8w)
 
 The decoder's GroupNorm and attention pool over the whole context, so each distinct
-(Tc, start, length) of :meth:`SliceVAE.slice_plan` is its own graph. With n latents
+(Tc, start, length) of :meth:`VAEConfig.slice_plan` is its own graph. With n latents
 per slice (2 for every preset) the variants are:
 
     interior  (3n, n, n)   previous + current + next slice (almost every slice)
@@ -48,8 +48,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ConfigError, ExportError, ShapeError
-from ..reference.config import ModelConfig
-from ..reference.vae import SliceSpec
+from ..fileio import atomic_write_text
+from ..reference.config import ModelConfig, SliceSpec
 from .precision import PrecisionPolicy, policy_for
 
 SPEC_NAME = "spec.json"
@@ -153,14 +153,6 @@ def eval_dim(entry: int | str, dims: Mapping[str, int]) -> int:
             raise ShapeError(f"{name}={dims[name]} is not divisible by {div}")
         value //= int(div)
     return value
-
-
-def dim_names(entry: int | str) -> str | None:
-    """The dimension name inside a shape entry, or None for a static entry."""
-    if isinstance(entry, int):
-        return None
-    m = _EXPR.match(entry)
-    return m.group(2) if m else None
 
 
 # --- the spec -----------------------------------------------------------------------------
@@ -314,8 +306,6 @@ class ExportSpec:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save(self, directory: str | Path) -> Path:
-        from ..reference.io import atomic_write_text
-
         path = Path(directory) / SPEC_NAME
         atomic_write_text(path, self.to_json())
         return path
@@ -379,7 +369,7 @@ def dit_spec(config: ModelConfig, precision: str = "fp32", *, max_frames: int | 
     GroupNorm a single value per group); opt is the model's default size, max covers
     both orientations of it."""
     d, v, sd = config.dit, config.vae, config.sampling
-    mult = d.patch_size * (d.temporal_block_size if d.motion_module else 1)
+    mult = d.latent_multiple
     s, e = config.text_encoder.max_length, d.caption_channels
     sc = v.spatial_compression
     opt_f = v.latent_frames(sd.frames)
@@ -420,10 +410,20 @@ def vae_encoder_spec(config: ModelConfig, variant: str, precision: str = "fp32",
 
 
 def decoder_variants(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
-    """Variant name -> (context latent frames, start, length); see the module docstring."""
-    n = config.vae.latents_per_slice
-    table = {"interior": (3 * n, n, n), "first": (2 * n, 0, n), "last": (2 * n, n, n),
-             "single": (n, 0, n), "lone": (1, 0, 1)}
+    """Variant name -> (context latent frames, start, length), read off the VAE config's
+    own slice plans (see the module docstring): the lone first latent of an odd video,
+    the only slice of a one-slice video, and the first, interior and last slices of a
+    three-slice video cover every entry any plan can have."""
+    vae = config.vae
+    n = vae.latents_per_slice
+
+    def key(s: SliceSpec) -> tuple[int, int, int]:
+        return (s.ctx_end - s.ctx_start, s.start, s.length)
+
+    first, interior, last = (key(s) for s in vae.slice_plan(3 * n))
+    table = {"interior": interior, "first": first, "last": last, "single": key(vae.slice_plan(n)[0])}
+    if n > 1:
+        table["lone"] = key(vae.slice_plan(n + 1)[0])
     return table
 
 

@@ -8,17 +8,25 @@ the field and the bad value. Configs round-trip through ``config.json``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 
 DTYPES = ("float32", "float16", "bfloat16")
 PADDING_MODES = ("slice", "causal")
 RESAMPLE_TYPES = ("spatial", "spacetime", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class SliceSpec(NamedTuple):
+    """One step of slice decoding: latents ``[ctx_start, ctx_end)`` form the context,
+    of which ``[start, start + length)`` (relative to ``ctx_start``) is decoded."""
+
+    ctx_start: int
+    ctx_end: int
+    start: int
+    length: int
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -164,6 +172,38 @@ class VAEConfig(_Serialisable):
             return 1 + (frames - 1) // self.slice_frames * self.latents_per_slice
         return frames // self.slice_frames * self.latents_per_slice
 
+    def frame_slices(self, frames: int) -> list[tuple[int, int]]:
+        """Pixel frame ranges the encoder sees independently: ``[0, 1)`` for an odd
+        video's first frame, then ``slice_frames``-frame slices."""
+        check_frames(frames, self.slice_frames)
+        first = frames % 2
+        n = self.slice_frames
+        return [(0, 1)] * first + [(i, i + n) for i in range(first, frames, n)]
+
+    def slice_plan(self, latent_frames: int) -> list[SliceSpec]:
+        """What the VAE's decode does for ``latent_frames`` latents, one entry per slice.
+
+        If ``latent_frames % latents_per_slice == 1`` the first latent is decoded alone
+        (context of 1). The others are ``latents_per_slice``-latent slices whose context
+        adds the previous and the next slice where they exist (DESIGN.md 1.2).
+        """
+        n = self.latents_per_slice
+        if not isinstance(latent_frames, int) or latent_frames < 1 or latent_frames % n > 1:
+            raise ShapeError(f"latent frames must be a positive multiple of {n} or a multiple "
+                             f"of {n} plus 1, got {latent_frames!r}")
+        first = 1 if n > 1 and latent_frames % n == 1 else 0
+        plan = [SliceSpec(0, 1, 0, 1)] * first
+        starts = list(range(first, latent_frames, n))
+        for i, s in enumerate(starts):
+            ctx_start = starts[i - 1] if i > 0 else s
+            ctx_end = min(s + 2 * n, latent_frames) if i + 1 < len(starts) else s + n
+            plan.append(SliceSpec(ctx_start, ctx_end, s - ctx_start, n))
+        return plan
+
+    def decoded_frames(self, length: int) -> int:
+        """Pixel frames a slice of ``length`` latents decodes to (a lone latent -> 1)."""
+        return 1 if length == 1 else length * self.temporal_compression
+
     def video_frames(self, latent_frames: int) -> int:
         """Inverse of :meth:`latent_frames`."""
         if latent_frames <= 0:
@@ -243,6 +283,12 @@ class DiTConfig(_Serialisable):
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def latent_multiple(self) -> int:
+        """Latent height and width must be multiples of this: the patch, times the Grid
+        Reshape block where a motion module folds 2x2 neighbourhoods into time."""
+        return self.patch_size * (self.temporal_block_size if self.motion_module else 1)
+
+    @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
@@ -297,8 +343,10 @@ class ModelConfig(_Serialisable):
 
     @property
     def pixel_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE x patch x grid reshape)."""
-        return self.vae.spatial_compression * self.dit.patch_size * self.dit.temporal_block_size
+        """Pixel height and width must be multiples of this: the VAE's spatial compression
+        times :attr:`DiTConfig.latent_multiple`. The request rules, the DiT's shape check
+        and the export specs all read this one rule."""
+        return self.vae.spatial_compression * self.dit.latent_multiple
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -318,24 +366,6 @@ class ModelConfig(_Serialisable):
             dit=DiTConfig.from_dict(data.get("dit", {})),
             sampling=SamplingDefaults.from_dict(data.get("sampling", {})),
         )
-
-
-def save_config(config: Any, path: str | Path) -> None:
-    """Write ``config.to_dict()`` as JSON, atomically."""
-    from .io import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def load_config(cls: type, path: str | Path):
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    return cls.from_dict(data)
 
 
 # --- presets ------------------------------------------------------------------------

@@ -380,7 +380,7 @@ class VideoDiT(nn.Module):
         if len(latents_shape) != 5 or latents_shape[1] != cfg.in_channels:
             raise ShapeError(
                 f"latents must have shape (B, {cfg.in_channels}, F, H, W), got {tuple(latents_shape)}")
-        mult = cfg.patch_size * (cfg.temporal_block_size if cfg.motion_module else 1)
+        mult = cfg.latent_multiple
         for name, size in (("height", latents_shape[3]), ("width", latents_shape[4])):
             if size % mult:
                 raise ShapeError(f"latent {name} must be a multiple of {mult}, got {size}")

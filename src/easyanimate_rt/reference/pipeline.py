@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .config import ModelConfig, check_frames, from_preset
+from ..media import save_video, to_uint8
+from .config import ModelConfig, check_frames
 from .samplers import SAMPLERS, make_sampler
-from .video import save_video, to_uint8
-from .weights import EasyAnimateModel, load_model, random_model
+from .weights import EasyAnimateModel, load_model_or_preset
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,7 @@ class ReferencePipeline:
     def from_pretrained(cls, source: str | Path, device: torch.device | str = "cpu",
                         preset: str | None = None) -> "ReferencePipeline":
         """``source``: a model directory, or a preset name for random weights."""
-        path = Path(source)
-        if path.is_dir():
-            return cls(load_model(path, preset=preset), device)
-        log.warning("%s is not a directory: building preset %r with RANDOM weights", source, str(source))
-        return cls(random_model(from_preset(str(source))), device)
+        return cls(load_model_or_preset(source, preset=preset), device)
 
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
         """A request filled with this model's sampling defaults."""

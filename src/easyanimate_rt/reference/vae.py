@@ -30,32 +30,19 @@ L = T*H*W attention tokens; Ht, Wt the pixel size of a spatial tile.
 
 from __future__ import annotations
 
-import logging
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError, ShapeError
-from .config import VAEConfig, check_frames
-
-logger = logging.getLogger(__name__)
+from .config import SliceSpec, VAEConfig, check_frames
 
 __all__ = ["SliceVAE", "SliceSpec"]
 
 # Upstream DiagonalGaussianDistribution clamps the log-variance to this range.
 LOGVAR_RANGE = (-30.0, 20.0)
-
-
-class SliceSpec(NamedTuple):
-    """One step of slice decoding: latents ``[ctx_start, ctx_end)`` form the context,
-    of which ``[start, start + length)`` (relative to ``ctx_start``) is decoded."""
-
-    ctx_start: int
-    ctx_end: int
-    start: int
-    length: int
 
 
 # --- building blocks ------------------------------------------------------------------
@@ -298,36 +285,16 @@ class SliceVAE(nn.Module):
     # -- slicing plans ------------------------------------------------------------------
 
     def frame_slices(self, frames: int) -> list[tuple[int, int]]:
-        """Pixel frame ranges the encoder sees independently: ``[0, 1)`` for an odd
-        video's first frame, then ``slice_frames``-frame slices."""
-        check_frames(frames, self.config.slice_frames)
-        first = frames % 2
-        n = self.config.slice_frames
-        return [(0, 1)] * first + [(i, i + n) for i in range(first, frames, n)]
+        """Pixel frame ranges the encoder sees independently (:meth:`VAEConfig.frame_slices`)."""
+        return self.config.frame_slices(frames)
 
     def slice_plan(self, latent_frames: int) -> list[SliceSpec]:
-        """What :meth:`decode` does for ``latent_frames`` latents, one entry per slice.
-
-        If ``latent_frames % latents_per_slice == 1`` the first latent is decoded alone
-        (context of 1). The others are ``latents_per_slice``-latent slices whose context
-        adds the previous and the next slice where they exist.
-        """
-        n = self.config.latents_per_slice
-        if not isinstance(latent_frames, int) or latent_frames < 1 or latent_frames % n > 1:
-            raise ShapeError(f"latent frames must be a positive multiple of {n} or a multiple "
-                             f"of {n} plus 1, got {latent_frames!r}")
-        first = 1 if n > 1 and latent_frames % n == 1 else 0
-        plan = [SliceSpec(0, 1, 0, 1)] * first
-        starts = list(range(first, latent_frames, n))
-        for i, s in enumerate(starts):
-            ctx_start = starts[i - 1] if i > 0 else s
-            ctx_end = min(s + 2 * n, latent_frames) if i + 1 < len(starts) else s + n
-            plan.append(SliceSpec(ctx_start, ctx_end, s - ctx_start, n))
-        return plan
+        """What :meth:`decode` does for ``latent_frames`` latents (:meth:`VAEConfig.slice_plan`)."""
+        return self.config.slice_plan(latent_frames)
 
     def decoded_frames(self, length: int) -> int:
         """Pixel frames a slice of ``length`` latents decodes to (a lone latent -> 1)."""
-        return 1 if length == 1 else length * self.config.temporal_compression
+        return self.config.decoded_frames(length)
 
     # -- encoding -----------------------------------------------------------------------
 

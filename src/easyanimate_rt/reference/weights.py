@@ -16,6 +16,7 @@ ones (upstream VAE files carry training-loss tensors) are logged and ignored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .config import DiTConfig, ModelConfig, from_preset
+from ..fileio import atomic_save_safetensors, atomic_write_text, replace_dir
+from .config import PRESETS, DiTConfig, ModelConfig, from_preset
 from .dit import VideoDiT
-from .io import atomic_save_safetensors, atomic_write_text, replace_dir
 from .samplers import NoiseSchedule
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .vae import SliceVAE
@@ -72,15 +73,41 @@ class EasyAnimateModel:
 
 def random_model(config: ModelConfig, seed: int = 0, tokenizer_dir: str | Path | None = None
                  ) -> EasyAnimateModel:
-    """A model with random weights (``tiny`` tests and smoke runs; release sizes on meta)."""
-    torch.manual_seed(seed)
-    if tokenizer_dir is None:
-        tokenizer_dir = Path(tempfile.mkdtemp(prefix="easyanimate-rt-tok-"))
-        sentences = [" ".join(_TINY_CORPUS[i:i + 6]) for i in range(len(_TINY_CORPUS))]
-        train_tokenizer(sentences * 4, tokenizer_dir, vocab_size=min(config.text_encoder.vocab_size, 120))
-    tokenizer = load_tokenizer(tokenizer_dir)
-    text = TextEncoder(config.text_encoder, tokenizer)
-    return EasyAnimateModel(config, text, SliceVAE(config.vae), VideoDiT(config.dit)).eval()
+    """A model with random weights (``tiny`` tests and smoke runs; release sizes on meta).
+
+    The weights are a function of ``seed`` alone; torch's global RNG is left as it was.
+    Without ``tokenizer_dir`` a small tokenizer is trained on a caption vocabulary in a
+    temporary folder that is removed once the tokenizer is in memory."""
+    with contextlib.ExitStack() as stack:
+        if tokenizer_dir is None:
+            tokenizer_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="easyanimate-rt-tok-"))
+            sentences = [" ".join(_TINY_CORPUS[i:i + 6]) for i in range(len(_TINY_CORPUS))]
+            train_tokenizer(sentences * 4, tokenizer_dir, vocab_size=min(config.text_encoder.vocab_size, 120))
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if hasattr(tokenizer, "sp_model"):
+            # A slow tokenizer re-reads its vocabulary file when saved; keep none pointing
+            # into the folder about to be removed (it then saves its in-memory model).
+            tokenizer.vocab_file = ""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text = TextEncoder(config.text_encoder, tokenizer)
+        model = EasyAnimateModel(config, text, SliceVAE(config.vae), VideoDiT(config.dit))
+    return model.eval()
+
+
+def load_model_or_preset(source: str | Path, seed: int = 0, preset: str | None = None,
+                         device: torch.device | str = "cpu") -> EasyAnimateModel:
+    """``source`` is a model directory (loaded with :func:`load_model`) or a preset name
+    (random weights from ``seed``). A path-like ``source`` that does not exist is an
+    error, not a preset name."""
+    path = Path(source)
+    if path.is_dir():
+        return load_model(path, preset=preset, device=device)
+    if str(source) not in PRESETS and (path.suffix or len(path.parts) > 1 or path.exists()):
+        raise CheckpointError(f"model directory not found: {source} (and it is not a preset name; "
+                              f"presets: {sorted(PRESETS)})")
+    log.warning("%s is not a directory: building preset %r with RANDOM weights", source, str(source))
+    return random_model(from_preset(str(source)), seed=seed).to(device)
 
 
 # --- state dicts -------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def build_aot(onnx_path: str | Path, spec, compute_capability: str = DEFAULT_COM
                           f"{compute_capability}: " + "; ".join(messages[-5:]))
     seconds = time.perf_counter() - t0
     if plan_path is not None:
-        from ..reference.io import atomic_path
+        from ..fileio import atomic_path
 
         with atomic_path(plan_path) as tmp:
             tmp.write_bytes(memoryview(plan))

@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,9 +54,8 @@ from typing import Any, Mapping
 import numpy as np
 from torch.utils.data import Dataset
 
-from ...errors import InputError
-from ..io import atomic_path
-from ..video import from_uint8
+from ..errors import InputError
+from ..media import from_uint8, write_clip
 
 logger = logging.getLogger(__name__)
 
@@ -400,39 +398,6 @@ class ShapesDataset(Dataset):
 
 # --------------------------------------------------------------------------- files
 
-def write_clip(frames: np.ndarray, path: str | Path, fps: float = DEFAULT_FPS) -> Path:
-    """Write frames (F, H, W, 3) uint8 losslessly: ``.mp4`` (RGB H.264, qp 0) or ``.png`` (1 frame).
-
-    Read back with ``easyanimate_rt.reference.video.read_video``; the frames are exact.
-    """
-    path = Path(path)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise InputError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
-    suffix = path.suffix.lower()
-    with atomic_path(path) as tmp:
-        if suffix == ".png":
-            if frames.shape[0] != 1:
-                raise InputError(f"a .png clip holds one frame, got {frames.shape[0]}")
-            import imageio.v3 as iio
-
-            iio.imwrite(tmp, frames[0], extension=".png")
-        elif suffix == ".mp4":
-            import imageio_ffmpeg
-
-            f, h, w = frames.shape[:3]
-            cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-                   "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "-",
-                   "-c:v", "libx264rgb", "-qp", "0", "-preset", "veryfast", "-pix_fmt", "rgb24",
-                   "-frames:v", str(f), "-f", "mp4", str(tmp)]
-            proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
-            if proc.returncode != 0:
-                tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
-                raise InputError(f"ffmpeg could not write {path}: {' '.join(tail)}")
-        else:
-            raise InputError(f"clip file must end in .mp4 or .png, got {path.name!r}")
-    return path
-
-
 def _settings(split: str, seed: int, frames: int, size: int, fps: float, still_fraction: float) -> dict:
     return {"generator_version": GENERATOR_VERSION, "split": split, "seed": seed, "frames": frames,
             "size": size, "fps": float(fps), "still_fraction": float(still_fraction)}
@@ -465,7 +430,7 @@ def write_dataset(out_dir: str | Path, n: int, split: str = "train", frames: int
     is skipped, so a rerun after an interruption writes only what is missing. A manifest
     written with other settings is refused rather than mixed.
     """
-    from ...data.manifest import append_records, read_manifest, write_manifest
+    from ..data.manifest import append_records, read_manifest, write_manifest
 
     if n < 0 or workers < 1:
         raise InputError(f"need n >= 0 and workers >= 1, got n={n}, workers={workers}")

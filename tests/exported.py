@@ -1,4 +1,5 @@
-"""Shared fixtures of the export tests.
+"""Models and exported graphs shared by the export, engine and validation tests (the
+``exports`` fixture in conftest.py hands out one :class:`Exports` per session).
 
 "CI-exportable models" are the ``tiny`` preset (random weights, zero-initialised DiT
 branches randomised so every path carries signal) and the shipped ``shapes`` model
@@ -12,17 +13,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-pytest.importorskip("onnx", reason="export tests need the export extra (onnx, onnxscript, onnxruntime)")
-pytest.importorskip("onnxscript", reason="export tests need the export extra")
-pytest.importorskip("onnxruntime", reason="export tests need the export extra")
+from easyanimate_rt.reference.config import from_preset
+from easyanimate_rt.reference.weights import load_model, random_model
 
-from easyanimate_rt.reference.config import from_preset  # noqa: E402
-from easyanimate_rt.reference.weights import load_model, random_model  # noqa: E402
-
-SHAPES_DIR = Path(__file__).resolve().parents[2] / "src" / "easyanimate_rt" / "assets" / "shapes"
+SHAPES_DIR = Path(__file__).resolve().parents[1] / "src" / "easyanimate_rt" / "assets" / "shapes"
 
 
 def ci_models() -> list[str]:
@@ -125,11 +121,6 @@ class Exports:
 def small_sampling(model) -> dict:
     """A short sampling run at the model's default size (realistic latent scales)."""
     return dict(steps=min(model.config.sampling.steps, 6))
-
-
-@pytest.fixture(scope="session")
-def exports(tmp_path_factory) -> Exports:
-    return Exports(tmp_path_factory.mktemp("exports"))
 
 
 def ort_session(path):

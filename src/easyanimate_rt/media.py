@@ -1,4 +1,14 @@
-"""Reading and cutting videos with the ffmpeg binary that imageio-ffmpeg ships.
+"""The package's one video module: read, write, probe and cut videos, as uint8 arrays
+(F, H, W, 3), with the ffmpeg binary that imageio-ffmpeg ships (gif and png through
+imageio's pillow plugin). Every file is written to a temporary name and renamed.
+
+- ``save_video`` / ``read_video``: generated videos (mp4 H.264 yuv420p CRF 18, gif, png).
+- ``write_clip``: lossless clips (RGB H.264, qp 0, or one png) that read back exactly;
+  the synthetic shapes world writes its training clips with it.
+- ``to_uint8`` / ``from_uint8``: (3, F, H, W) tensors in [-1, 1] <-> uint8 frames
+  (torch is imported only by these two).
+- ``probe``, ``iter_frames``, ``read_frames_at``, ``keyframe_indices``, ``cut_clip``:
+  the data pipeline's reading and cutting, described below.
 
 Frame numbers everywhere in the data pipeline count decoded frames from 0, and a
 frame's time is ``index / fps`` (constant-frame-rate sources; a variable-rate source is
@@ -26,15 +36,20 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
-from easyanimate_rt.errors import InputError
+from .errors import InputError
+from .fileio import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 CUT_MODES = ("auto", "reencode")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 
 
 class VideoReadError(InputError):
@@ -251,3 +266,104 @@ def cut_clip(src: str | Path, dst: str | Path, start_frame: int, frames: int, fp
         if tmp.exists():
             tmp.unlink()
     return how, int(written)
+
+
+# --- generated videos and lossless clips ------------------------------------------------
+
+
+def to_uint8(video: "torch.Tensor") -> np.ndarray:
+    """(3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
+    import torch
+
+    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def from_uint8(frames: np.ndarray) -> "torch.Tensor":
+    """(F, H, W, 3) uint8 -> (3, F, H, W) float in [-1, 1]."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    return x.permute(3, 0, 1, 2)
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+
+
+def save_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
+    """Write frames (F, H, W, 3) uint8 to mp4, gif, or png (first frame; for 1-frame output)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise InputError(f"output file must end in one of {list(VIDEO_SUFFIXES)}, got {path.name!r}")
+    _check_frames(frames)
+    with atomic_path(path) as tmp:
+        if suffix == ".mp4":
+            import imageio_ffmpeg
+
+            h, w = frames.shape[1:3]
+            writer = imageio_ffmpeg.write_frames(
+                str(tmp), (w, h), fps=fps, codec="libx264", quality=None,
+                output_params=["-crf", "18", "-f", "mp4"], macro_block_size=1, pix_fmt_out="yuv420p")
+            writer.send(None)
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+            writer.close()
+        elif suffix == ".gif":
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+        else:
+            iio.imwrite(tmp, frames[0], extension=".png")
+    return path
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """(frames (F, H, W, 3) uint8, fps); a gif or png reads as 8 fps."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"video file not found: {path}")
+    if path.suffix.lower() == ".mp4":
+        import imageio_ffmpeg
+
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = reader.__next__()
+        w, h = meta["size"]
+        frames = [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]
+        return np.stack(frames), float(meta["fps"])
+    frames = iio.imread(path, index=None)
+    if frames.ndim == 3:
+        frames = frames[None]
+    return np.ascontiguousarray(frames[..., :3]), 8.0
+
+
+def write_clip(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """Write frames (F, H, W, 3) uint8 losslessly: ``.mp4`` (RGB H.264, qp 0) or ``.png``
+    (1 frame). :func:`read_video` reads them back exactly."""
+    path = Path(path)
+    _check_frames(frames)
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix == ".png":
+            if frames.shape[0] != 1:
+                raise InputError(f"a .png clip holds one frame, got {frames.shape[0]}")
+            import imageio.v3 as iio
+
+            iio.imwrite(tmp, frames[0], extension=".png")
+        elif suffix == ".mp4":
+            f, h, w = frames.shape[:3]
+            cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                   "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "-",
+                   "-c:v", "libx264rgb", "-qp", "0", "-preset", "veryfast", "-pix_fmt", "rgb24",
+                   "-frames:v", str(f), "-f", "mp4", str(tmp)]
+            proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+                raise InputError(f"ffmpeg could not write {path}: {' '.join(tail)}")
+        else:
+            raise InputError(f"clip file must end in .mp4 or .png, got {path.name!r}")
+    return path

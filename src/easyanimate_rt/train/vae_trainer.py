@@ -19,12 +19,31 @@ import torch.distributed as dist
 import torch.nn.functional as F_
 from torch.utils.data import Dataset
 
-from ...errors import ConfigError
-from ..vae import SliceVAE
-from .common import (DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint, load_checkpoint,
-                     lr_factor, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
-from .losses import (LPIPS, ClipDiscriminator3D, FramePatchGAN, adaptive_gan_weight, hinge_d_loss,
-                     kl_standard_normal, reconstruction_loss)
+from ..errors import ConfigError
+from ..reference.vae import SliceVAE
+from .common import (
+    DistEnv,
+    MetricsLog,
+    autocast,
+    init_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    run_steps,
+    save_checkpoint,
+    step_generator,
+    unwrap,
+    wrap_model,
+)
+from .losses import (
+    LPIPS,
+    ClipDiscriminator3D,
+    FramePatchGAN,
+    adaptive_gan_weight,
+    hinge_d_loss,
+    kl_standard_normal,
+    reconstruction_loss,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,8 @@ Multi-process: launch under ``torchrun --nproc-per-node N -m easyanimate_rt trai
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ...errors import InputError
-from .common import TrainingInterrupted
+from ..errors import InputError, TrainingInterrupted
 
 
 def _interrupted(exc: TrainingInterrupted) -> int:
@@ -31,19 +29,12 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_base(model: str):
-    from ..config import from_preset
-    from ..weights import load_model, random_model
-
-    return load_model(model) if Path(model).is_dir() else random_model(from_preset(model))
-
-
 def cmd_train_vae(args: argparse.Namespace) -> int:
-    from ..weights import save_model
+    from ..reference.weights import load_model_or_preset, save_model
     from .datasets import ManifestDataset
     from .vae_trainer import VAETrainConfig, train_vae
 
-    model = _load_base(args.model)
+    model = load_model_or_preset(args.model)
     h = w = args.size
     stills = ManifestDataset(args.manifest, 1, h, w)
     clips = ManifestDataset(args.manifest, args.frames, h, w)
@@ -60,11 +51,11 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def cmd_train_dit(args: argparse.Namespace) -> int:
-    from ..weights import load_pixart_backbone, save_model
+    from ..reference.weights import load_model_or_preset, load_pixart_backbone, save_model
     from .datasets import ManifestDataset
     from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
 
-    model = _load_base(args.model)
+    model = load_model_or_preset(args.model)
     if args.pixart:
         load_pixart_backbone(model.dit, args.pixart)
     f, s, lr, b = args.frames, args.size, args.lr, args.batch_size

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from easyanimate_rt.cli import default_model
 from easyanimate_rt.reference.pipeline import ReferencePipeline
-from easyanimate_rt.reference.train.shapes_eval import evaluate
-from easyanimate_rt.runtime.cli import default_model
+from easyanimate_rt.shapes.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")

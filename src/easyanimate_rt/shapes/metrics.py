@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import InputError
-from .synthetic import COLOURS, TRANSLATIONS, ShapeSpec, colour_rgb, srgb_to_lab
+from ..errors import InputError
+from .world import COLOURS, TRANSLATIONS, ShapeSpec, colour_rgb, srgb_to_lab
 
 #: A pixel differing from the background by more than this (CIE76 delta E) is foreground.
 FOREGROUND_DELTA_E = 25.0

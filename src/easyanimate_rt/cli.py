@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import EasyAnimateError
+from .data.cli import add_data_parser
+from .engines.cli import rtx_check
+from .errors import EasyAnimateError
+from .export.cli import add_export_parser
+from .train.cli import add_train_parser
+from .validate.cli import add_verify_parser
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +43,9 @@ def model_info(preset: str, height: int | None, width: int | None, frames: int |
     """Parameter counts (built on the meta device) and token counts for a preset."""
     import torch
 
-    from ..reference.config import from_preset
-    from ..reference.dit import VideoDiT
-    from ..reference.vae import SliceVAE
+    from .reference.config import from_preset
+    from .reference.dit import VideoDiT
+    from .reference.vae import SliceVAE
 
     cfg = from_preset(preset)
     with torch.device("meta"):
@@ -65,7 +70,7 @@ def model_info(preset: str, height: int | None, width: int | None, frames: int |
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..reference.config import PRESETS
+    from .reference.config import PRESETS
 
     presets = [args.preset] if args.preset else sorted(PRESETS)
     for name in presets:
@@ -82,7 +87,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..reference.pipeline import ReferencePipeline
+    from .reference.pipeline import ReferencePipeline
 
     model = args.model or default_model()
     t0 = time.perf_counter()
@@ -142,17 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
-    for extension in ("easyanimate_rt.data.cli:add_data_parser",
-                      "easyanimate_rt.reference.train.cli:add_train_parser",
-                      "easyanimate_rt.export.cli:add_export_parser"):
-        module, func = extension.split(":")
-        try:
-            mod = __import__(module, fromlist=[func])
-        except ImportError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue  # that part of the package is not built yet
-            raise
-        getattr(mod, func)(sub)
+    # Each layer registers its own subcommands; their modules import nothing heavy at
+    # module level, so `easyanimate-rt --help` stays fast.
+    add_data_parser(sub)
+    add_train_parser(sub)
+    add_export_parser(sub, graph_check=rtx_check)
+    add_verify_parser(sub)
     return parser
 
 

@@ -6,13 +6,12 @@ installed (extra: rtx)."""
 from __future__ import annotations
 
 import pytest
+from exported import ci_models
 
-from easyanimate_rt.engines import rtx
+from easyanimate_rt.engines import tensorrt_rtx as rtx
 from easyanimate_rt.errors import EngineError
 from easyanimate_rt.export.precision import policy_for
 from easyanimate_rt.export.spec import DECODER_VARIANTS
-
-from .conftest import ci_models
 
 pytestmark = [pytest.mark.tensorrt,
               pytest.mark.skipif(not rtx.is_available(), reason="tensorrt-rtx is not installed (extra: rtx)")]

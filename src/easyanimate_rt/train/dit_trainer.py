@@ -26,14 +26,27 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from ...errors import ConfigError
-from ..dit import VideoDiT
-from ..io import atomic_path
-from ..samplers import NoiseSchedule
-from ..text import TextEncoder
-from ..vae import SliceVAE
-from .common import (EMA, DistEnv, MetricsLog, autocast, init_distributed, latest_checkpoint, load_checkpoint,
-                     lr_factor, run_steps, save_checkpoint, step_generator, unwrap, wrap_model)
+from ..errors import ConfigError
+from ..fileio import atomic_path
+from ..reference.dit import VideoDiT
+from ..reference.samplers import NoiseSchedule
+from ..reference.text import TextEncoder
+from ..reference.vae import SliceVAE
+from .common import (
+    EMA,
+    DistEnv,
+    MetricsLog,
+    autocast,
+    init_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    run_steps,
+    save_checkpoint,
+    step_generator,
+    unwrap,
+    wrap_model,
+)
 from .losses import DiffusionLoss
 
 log = logging.getLogger(__name__)

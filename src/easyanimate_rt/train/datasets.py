@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F_
 from torch.utils.data import Dataset
 
-from ...errors import InputError
-from ..video import from_uint8, read_video
+from ..errors import InputError
+from ..media import from_uint8, read_video
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ManifestDataset(Dataset):
     centre-cropped to ``height`` x ``width``."""
 
     def __init__(self, manifest: str | Path, frames: int, height: int, width: int):
-        from ...data.manifest import read_manifest
+        from ..data.manifest import read_manifest
 
         self.root = Path(manifest).parent
         records = read_manifest(manifest)
@@ -62,7 +62,7 @@ class ManifestDataset(Dataset):
 def shapes_sources(frames: int, size: int, length: int, seed: int, split: str = "train"
                    ) -> tuple[Dataset, Dataset]:
     """(stills, clips) of the synthetic shapes world for the default model's recipe."""
-    from .synthetic import ShapesDataset
+    from ..shapes.world import ShapesDataset
 
     stills = ShapesDataset(split=split, frames=1, size=size, length=length, seed=seed + 1, still_fraction=1.0)
     clips = ShapesDataset(split=split, frames=frames, size=size, length=length, seed=seed)

@@ -11,15 +11,20 @@ from easyanimate_rt.errors import ConfigError
 from easyanimate_rt.reference.config import from_preset
 from easyanimate_rt.reference.dit import VideoDiT
 from easyanimate_rt.reference.samplers import NoiseSchedule
-from easyanimate_rt.reference.train import common
-from easyanimate_rt.reference.train.common import (DistEnv, TrainingInterrupted, latest_checkpoint,
-                                                   load_checkpoint, save_checkpoint)
-from easyanimate_rt.reference.train.dit_trainer import DiTStage, DiTTrainConfig, train_dit
-from easyanimate_rt.reference.train.losses import LPIPS, DiffusionLoss, reconstruction_loss
-from easyanimate_rt.reference.train.synthetic import ShapesDataset
-from easyanimate_rt.reference.train.vae_trainer import VAETrainConfig, train_vae
 from easyanimate_rt.reference.vae import SliceVAE
 from easyanimate_rt.reference.weights import random_model
+from easyanimate_rt.shapes.world import ShapesDataset
+from easyanimate_rt.train import common
+from easyanimate_rt.train.common import (
+    DistEnv,
+    TrainingInterrupted,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from easyanimate_rt.train.dit_trainer import DiTStage, DiTTrainConfig, train_dit
+from easyanimate_rt.train.losses import LPIPS, DiffusionLoss, reconstruction_loss
+from easyanimate_rt.train.vae_trainer import VAETrainConfig, train_vae
 
 TINY = from_preset("tiny")
 
@@ -262,7 +267,7 @@ def test_ddp_two_processes_match_the_combined_batch(parts, tmp_path):
 
 
 def test_stage_lr_warms_up_holds_and_decays():
-    from easyanimate_rt.reference.train.dit_trainer import stage_lr_factor
+    from easyanimate_rt.train.dit_trainer import stage_lr_factor
 
     st = DiTStage("s", 100, 8, 8, decay_fraction=0.2)
     f = [stage_lr_factor(st, i, warmup_steps=10) for i in range(100)]
@@ -279,7 +284,7 @@ def test_shapes_recipe_runs_every_phase_and_writes_a_loadable_model(tmp_path):
     """The shipped model's recipe at one step per stage: tokenizer, frozen T5, the three
     VAE stages, the three DiT stages and a model directory that generates."""
     from easyanimate_rt.reference.pipeline import ReferencePipeline
-    from easyanimate_rt.reference.train.recipe import ShapesRecipe, train_shapes
+    from easyanimate_rt.train.recipe import ShapesRecipe, train_shapes
 
     recipe = ShapesRecipe(scale=1e-6, cache_size=4, scale_clips=2)
     out = train_shapes(tmp_path / "model", tmp_path / "run", recipe, progress=False)

@@ -20,10 +20,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..pipeline import ReferencePipeline
-from ..video import from_uint8, to_uint8
-from .shapes_metrics import dominant_colour, psnr, score_video
-from .synthetic import TRANSLATIONS, ShapesDataset, ShapeSpec
+from ..media import from_uint8, to_uint8
+from ..reference.pipeline import ReferencePipeline
+from .metrics import dominant_colour, psnr, score_video
+from .world import TRANSLATIONS, ShapesDataset, ShapeSpec
 
 
 @dataclass

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, from_preset
-from ..dit import VideoDiT
-from ..text import TextEncoder, load_tokenizer, train_tokenizer
-from ..vae import SliceVAE
-from ..weights import EasyAnimateModel, save_model
+from ..reference.config import ModelConfig, from_preset
+from ..reference.dit import VideoDiT
+from ..reference.text import TextEncoder, load_tokenizer, train_tokenizer
+from ..reference.vae import SliceVAE
+from ..reference.weights import EasyAnimateModel, save_model
 from .common import DistEnv, init_distributed
 from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
 from .vae_trainer import VAETrainConfig, train_vae
@@ -69,8 +69,8 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
                  phases: tuple[str, ...] = ("vae", "dit")) -> Path | None:
     """Run the recipe; returns the model directory (None when ``phases`` stops before
     the DiT, e.g. to train the VAE on one machine and the DiT on another)."""
+    from ..shapes.world import caption_corpus
     from .datasets import shapes_sources
-    from .synthetic import caption_corpus
 
     env = env or init_distributed()
     run_dir, out_dir = Path(run_dir), Path(out_dir)

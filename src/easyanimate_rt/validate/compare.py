@@ -6,8 +6,9 @@ Backends:
 - ``ort``: ONNX Runtime, CPU (fp32, fp16 and fp8 graphs);
 - ``onnx-ref``: the ONNX reference evaluator (numpy + ml_dtypes), the CPU way to
   compute a bfloat16 graph, which ONNX Runtime CPU has no kernels for;
-- ``trt``: TensorRT through polygraphy, where ``tensorrt`` imports and a CUDA GPU is
-  present (TensorRT-RTX here only builds ahead of time: see ``engines.rtx``).
+- ``trt``: TensorRT, an engine built by ``engines.tensorrt``, where ``tensorrt`` imports
+  and a CUDA GPU is present (TensorRT-RTX here only builds ahead of time: see
+  ``engines.tensorrt_rtx``).
 
 Runs go through polygraphy's ``Comparator`` (torch is a polygraphy runner too), so
 ``easyanimate-rt verify -v`` can also print polygraphy's own accuracy report. Every
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from ..errors import ExportError, InputError, MissingDependencyError
-from ..tolerances import TOLERANCES
-from .onnx import ExportIndex, load_export, run_torch
-from .spec import INPUTS_NAME, ExportSpec
+from ..engines.tensorrt import engine_loader, has_tensorrt_gpu
+from ..errors import InputError, MissingDependencyError
+from ..export.graphs import run_torch
+from ..export.index import ExportIndex, load_export
+from ..export.spec import INPUTS_NAME, ExportSpec
+from ..reference.weights import load_model_or_preset
+from ..tolerances import TOLERANCES, error_stats, within
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +47,6 @@ def tolerance_name(spec: ExportSpec) -> str:
     if p.compute_dtype == "float32":
         return "onnx_fp32"
     return "onnx_bf16" if p.compute_dtype == "bfloat16" else "onnx_fp16"
-
-
-def error_stats(actual: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
-    """max/mean absolute error, cosine similarity, finiteness (two all-zero tensors have
-    cosine 1)."""
-    a = np.asarray(actual, dtype=np.float64).ravel()
-    e = np.asarray(expected, dtype=np.float64).ravel()
-    if a.shape != e.shape:
-        raise ExportError(f"output sizes differ: {a.size} vs {e.size}")
-    finite = bool(np.isfinite(a).all())
-    diff = np.abs(a - e) if finite else np.full_like(a, np.inf)
-    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
-    if na == 0.0 and ne == 0.0:
-        cos = 1.0
-    elif not finite or na == 0.0 or ne == 0.0:
-        cos = 0.0
-    else:
-        cos = float(a @ e / (na * ne))
-    return {"max_abs": float(diff.max()) if diff.size else 0.0,
-            "mean_abs": float(diff.mean()) if diff.size else 0.0,
-            "cosine": cos, "finite": finite, "ref_max_abs": float(np.abs(e).max()) if e.size else 0.0}
-
-
-def within(stats: Mapping[str, Any], tolerance: str) -> bool:
-    max_abs, min_cos = TOLERANCES[tolerance]
-    return bool(stats["finite"]) and (max_abs is None or stats["max_abs"] <= max_abs) and \
-        (min_cos is None or stats["cosine"] >= min_cos)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -195,14 +171,6 @@ def _runner_classes():
     return TorchRunner, ReferenceRunner
 
 
-def _has_tensorrt_gpu() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def _make_runner(backend: str, path: Path, spec: ExportSpec):
     if backend == "ort":
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -211,24 +179,16 @@ def _make_runner(backend: str, path: Path, spec: ExportSpec):
     if backend == "onnx-ref":
         return _runner_classes()[1](path, spec)
     if backend == "trt":
-        from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, TrtRunner
+        from polygraphy.backend.trt import TrtRunner
 
-        profiles = []
-        for p in spec.profiles:
-            prof = Profile()
-            for name, (lo, mid, hi) in spec.profile_shapes(p).items():
-                prof.add(name, min=lo, opt=mid, max=hi)
-            profiles.append(prof)
-        engine = EngineFromNetwork(NetworkFromOnnxPath(str(path), strongly_typed=True),
-                                   config=CreateConfig(profiles=profiles))
-        return TrtRunner(engine, name="trt")
+        return TrtRunner(engine_loader(path, spec), name="trt")
     raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 
 def default_backends(spec: ExportSpec) -> list[str]:
     """ONNX Runtime where it has kernels (not bfloat16), plus TensorRT where it runs."""
     backends = ["onnx-ref" if spec.precision.compute_dtype == "bfloat16" else "ort"]
-    if _has_tensorrt_gpu():
+    if has_tensorrt_gpu():
         backends.append("trt")
     return backends
 
@@ -277,18 +237,6 @@ def compare_graph(model, spec: ExportSpec, onnx_path: str | Path, feeds: Sequenc
     return report
 
 
-def load_reference(source: str | Path, seed: int = 0):
-    """The reference model an export came from: a model directory, or a preset name
-    (random weights from ``seed``, as ``easyanimate-rt export`` builds them)."""
-    from ..reference.config import from_preset
-    from ..reference.weights import load_model, random_model
-
-    path = Path(source)
-    if path.is_dir():
-        return load_model(path)
-    return random_model(from_preset(str(source)), seed=seed)
-
-
 def verify_export(root: str | Path, model=None, networks: Iterable[str] | None = None,
                   inputs: str | Path | None = None, backends: Iterable[str] | None = None,
                   verbose: bool = False) -> list[GraphReport]:
@@ -298,7 +246,7 @@ def verify_export(root: str | Path, model=None, networks: Iterable[str] | None =
     if model is None:
         if not index.source:
             raise InputError(f"{root} does not record its source model; pass one")
-        model = load_reference(index.source, seed=index.seed)
+        model = load_model_or_preset(index.source, seed=index.seed)
     reports = []
     for key, spec in sorted(index.specs.items()):
         if networks and spec.network not in networks:
@@ -326,4 +274,4 @@ def format_report(reports: Sequence[GraphReport]) -> str:
 
 
 __all__ = ["error_stats", "within", "tolerance_name", "load_inputs", "saved_inputs", "compare_graph",
-           "verify_export", "format_report", "load_reference", "GraphReport", "BACKENDS"]
+           "verify_export", "format_report", "GraphReport", "BACKENDS"]

@@ -1,4 +1,4 @@
-from easyanimate_rt.runtime.cli import main, model_info
+from easyanimate_rt.cli import main, model_info
 
 
 def test_info_counts_release_parameters():

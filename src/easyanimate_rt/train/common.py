@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..io import atomic_path, atomic_write_text
+from ..errors import TrainingInterrupted
+from ..fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -287,16 +288,6 @@ def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
 
 
 # --- the step loop --------------------------------------------------------------------------
-
-class TrainingInterrupted(Exception):
-    """Raised after a stop signal, once the checkpoint of the last finished step is saved."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"training stopped at step {step}; resume with --resume "
-                         f"(checkpoint: {checkpoint})")
-        self.step = step
-        self.checkpoint = checkpoint
-
 
 def lr_factor(step: int, steps: int, warmup_steps: int = 0, decay_fraction: float = 0.0) -> float:
     """Learning-rate multiplier at 0-based ``step`` of ``steps``: linear warm-up over the

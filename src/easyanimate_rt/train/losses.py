@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from ...errors import CheckpointError, ConfigError
-from ..config import PREDICTION_TYPES
-from ..samplers import NoiseSchedule
-
+from ..errors import CheckpointError, ConfigError
+from ..reference.config import PREDICTION_TYPES
+from ..reference.samplers import NoiseSchedule
 
 # --- VAE --------------------------------------------------------------------------------
 
