@@ -45,6 +45,24 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict | No
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``final``; on success it replaces ``final``
+    whole (:func:`replace_dir`), on any error it is removed. Readers therefore see the
+    old directory or the complete new one, never a half-written one."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory ``tmp`` to ``final``, replacing any old one; the
     old copy is kept aside until the new one is in place."""

@@ -15,13 +15,8 @@ from easyanimate_rt.reference.vae import SliceVAE
 from easyanimate_rt.reference.weights import random_model
 from easyanimate_rt.shapes.world import ShapesDataset
 from easyanimate_rt.train import common
-from easyanimate_rt.train.common import (
-    DistEnv,
-    TrainingInterrupted,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from easyanimate_rt.train.common import (DistEnv, TrainingInterrupted, latest_checkpoint, load_checkpoint,
+                                         save_checkpoint)
 from easyanimate_rt.train.dit_trainer import DiTStage, DiTTrainConfig, train_dit
 from easyanimate_rt.train.losses import LPIPS, DiffusionLoss, reconstruction_loss
 from easyanimate_rt.train.vae_trainer import VAETrainConfig, train_vae

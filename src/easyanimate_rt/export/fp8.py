@@ -215,13 +215,6 @@ def calibrate(dit: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
     return amax
 
 
-def calibrate_dit(model, prompts: Sequence[str] = DEFAULT_PROMPTS, method: str = "auto",
-                  **record: Any) -> Amax:
-    """Record denoising inputs of ``model`` (``record_dit_inputs`` options) and calibrate."""
-    batches = record_dit_inputs(model, prompts, **record)
-    return calibrate(model.dit, batches, method=method)
-
-
 # --- a torch simulation of the Q/DQ graph --------------------------------------------------
 
 

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError, MissingDependencyError
-from ..fileio import replace_dir
+from ..fileio import staged_dir
 from .graphs import graph_module, translation_table
 from .index import ExportIndex, load_export, write_index
 from .passes import PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts, set_io_shapes
@@ -197,11 +196,7 @@ def write_graph(ir_model, spec: ExportSpec, directory: str | Path,
     import onnx_ir as ir
 
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(directory) as tmp:
         path = tmp / MODEL_NAME
         size = initializer_bytes(ir_model)
         external = None
@@ -231,10 +226,6 @@ def write_graph(ir_model, spec: ExportSpec, directory: str | Path,
         np.savez(tmp / INPUTS_NAME, **feeds)
         for name, extra in (extra_inputs or {}).items():
             np.savez(tmp / f"{name}.npz", **extra)
-        replace_dir(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     log.info("%s: wrote %s (%d nodes, %.1f MB)", spec.key, directory, graph["nodes"], graph["bytes"] / 1e6)
     return spec
 

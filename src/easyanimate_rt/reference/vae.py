@@ -169,38 +169,44 @@ class Upsampler(nn.Module):
         return x
 
 
-class DownBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, kind: str,
-                 config: VAEConfig):
+class _Level(nn.Module):
+    """One level of the encoder or decoder: ``num_layers`` res-blocks, then an optional
+    resampler stored under ``resampler_name`` (upstream's key: ``downsampler`` or
+    ``upsampler``)."""
+
+    resampler_name = ""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, config: VAEConfig,
+                 resampler: nn.Module | None):
         super().__init__()
         self.convs = nn.ModuleList(
             [ResBlock(in_channels if i == 0 else out_channels, out_channels, config)
              for i in range(num_layers)])
-        self.downsampler = Downsampler(out_channels, kind, config) if kind != "none" else None
+        setattr(self, self.resampler_name, resampler)
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
             x = conv(x)                                                     # (B, C_out, T, H, W)
-        if self.downsampler is not None:
-            x = self.downsampler(x)
-        return x
+        resampler = getattr(self, self.resampler_name)
+        return x if resampler is None else resampler(x)
 
 
-class UpBlock(nn.Module):
+class DownBlock(_Level):
+    resampler_name = "downsampler"
+
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, kind: str,
                  config: VAEConfig):
-        super().__init__()
-        self.convs = nn.ModuleList(
-            [ResBlock(in_channels if i == 0 else out_channels, out_channels, config)
-             for i in range(num_layers)])
-        self.upsampler = Upsampler(out_channels, kind, config) if kind != "none" else None
+        super().__init__(in_channels, out_channels, num_layers, config,
+                         Downsampler(out_channels, kind, config) if kind != "none" else None)
 
-    def forward(self, x: Tensor) -> Tensor:
-        for conv in self.convs:
-            x = conv(x)                                                     # (B, C_out, T, H, W)
-        if self.upsampler is not None:
-            x = self.upsampler(x)
-        return x
+
+class UpBlock(_Level):
+    resampler_name = "upsampler"
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, kind: str,
+                 config: VAEConfig):
+        super().__init__(in_channels, out_channels, num_layers, config,
+                         Upsampler(out_channels, kind, config) if kind != "none" else None)
 
 
 # --- encoder and decoder --------------------------------------------------------------

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_save_safetensors, atomic_write_text, replace_dir
+from ..fileio import atomic_save_safetensors, atomic_write_text, staged_dir
 from .config import PRESETS, DiTConfig, ModelConfig, from_preset
 from .dit import VideoDiT
 from .samplers import NoiseSchedule
@@ -152,20 +151,16 @@ def save_model(model: EasyAnimateModel, out_dir: str | Path, weights_dtype: torc
     ``weights_dtype`` (e.g. float16) stores the DiT and VAE floating-point tensors in a
     smaller type; loading casts them back to the modules' dtype."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for sub, net in (("transformer", model.dit), ("vae", model.vae)):
-        atomic_write_text(tmp / sub / "config.json",
-                          json.dumps(net.config.to_dict(), indent=2, sort_keys=True) + "\n")
-        state = net.state_dict()
-        if weights_dtype is not None:
-            state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
-        atomic_save_safetensors(state, tmp / sub / WEIGHTS_NAME)
-    model.text_encoder.save_pretrained(tmp / "text_encoder", tmp / "tokenizer")
-    atomic_write_text(tmp / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
-    replace_dir(tmp, out_dir)
+    with staged_dir(out_dir) as tmp:
+        for sub, net in (("transformer", model.dit), ("vae", model.vae)):
+            atomic_write_text(tmp / sub / "config.json",
+                              json.dumps(net.config.to_dict(), indent=2, sort_keys=True) + "\n")
+            state = net.state_dict()
+            if weights_dtype is not None:
+                state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
+            atomic_save_safetensors(state, tmp / sub / WEIGHTS_NAME)
+        model.text_encoder.save_pretrained(tmp / "text_encoder", tmp / "tokenizer")
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

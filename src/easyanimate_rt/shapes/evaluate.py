@@ -8,22 +8,39 @@ combinations, which never appear in training; seeds are fixed.
   share of reconstructions whose dominant colour is still the clip's (the ceiling of
   the generation colour metric: a hue the latent loses, the DiT cannot draw).
 - Generation: dominant colour matches the prompt; centroid direction matches for
-  translating motions; the object stays one coherent blob (see shapes_metrics).
+  translating motions; the object stays one coherent blob (see shapes.metrics).
+
+Any pipeline object scores: it needs ``config`` (a ``ModelConfig``, for the sampling
+size) and ``generate(prompt, seed=, steps=, guidance_scale=)`` returning an object with
+uint8 ``frames`` (F, H, W, 3): the reference pipeline, and the runtime's pipeline on any
+backend. The VAE figures need a ``reconstruct`` function (frames -> frames); a
+pipeline holding a reference model (``pipe.model.vae``) gets one by default.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
-import torch
 
+from ..errors import InputError
 from ..media import from_uint8, to_uint8
-from ..reference.pipeline import ReferencePipeline
+from ..reference.config import ModelConfig
 from .metrics import dominant_colour, psnr, score_video
 from .world import TRANSLATIONS, ShapesDataset, ShapeSpec
+
+
+class VideoPipeline(Protocol):
+    """What :func:`evaluate` needs of a pipeline."""
+
+    config: ModelConfig
+
+    def generate(self, prompt: str, **kwargs: Any) -> Any: ...
+
+
+Reconstruct = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -56,30 +73,49 @@ def heldout_specs(n: int, frames: int, size: int, seed: int = 1234, translating_
     return moving[:want_move] + other[: n - want_move]
 
 
-@torch.no_grad()
-def vae_fidelity(pipe: ReferencePipeline, clips: int, frames: int, size: int, seed: int = 99
+def reference_reconstruct(pipe: Any) -> Reconstruct:
+    """encode -> decode through the reference VAE of ``pipe.model`` (on ``pipe.device``)."""
+    import torch
+
+    vae = getattr(getattr(pipe, "model", None), "vae", None)
+    if vae is None:
+        raise InputError(f"{type(pipe).__name__} holds no reference VAE (pipe.model.vae): pass reconstruct= "
+                         f"to score the VAE, or vae_clips=0")
+    device = getattr(pipe, "device", "cpu")
+
+    @torch.no_grad()
+    def reconstruct(frames: np.ndarray) -> np.ndarray:
+        video = from_uint8(frames)[None].to(device)                         # (1, 3, F, H, W)
+        return to_uint8(vae.decode(vae.encode(video))[0])                   # (F, H, W, 3)
+
+    return reconstruct
+
+
+def vae_fidelity(reconstruct: Reconstruct, clips: int, frames: int, size: int, seed: int = 99
                  ) -> tuple[float, float]:
     """(mean PSNR, share of clips whose reconstruction keeps the dominant colour)."""
     ds = ShapesDataset(split="heldout", frames=frames, size=size, length=clips, seed=seed)
-    vae = pipe.model.vae
     psnrs, colour_ok = [], []
     for i in range(clips):
         truth = ds.frames_of(i)                                             # (F, H, W, 3)
-        video = from_uint8(truth)[None].to(pipe.device)
-        recon = to_uint8(vae.decode(vae.encode(video))[0])
+        recon = reconstruct(truth)
         psnrs.append(psnr(recon, truth))
         colour_ok.append(dominant_colour(recon) == ds.spec(i).colour)
     return float(np.mean(psnrs)), float(np.mean(colour_ok))
 
 
-def evaluate(pipe: ReferencePipeline, prompts: int = 48, vae_clips: int = 16, steps: int | None = None,
+def evaluate(pipe: VideoPipeline, prompts: int = 48, vae_clips: int = 16, steps: int | None = None,
              guidance_scale: float | None = None, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None) -> ShapesReport:
+             progress: Callable[[int, int], None] | None = None,
+             reconstruct: Reconstruct | None = None) -> ShapesReport:
+    """Score ``pipe`` on ``prompts`` held-out prompts (seeds ``seed``, ``seed + 1``, ...)
+    and, with ``vae_clips``, its VAE on held-out clips."""
     cfg = pipe.config.sampling
     size, frames = cfg.height, cfg.frames
     report = ShapesReport()
     if vae_clips:
-        report.vae_psnr, report.vae_colour_rate = vae_fidelity(pipe, vae_clips, frames, size)
+        reconstruct = reconstruct or reference_reconstruct(pipe)
+        report.vae_psnr, report.vae_colour_rate = vae_fidelity(reconstruct, vae_clips, frames, size)
     specs = heldout_specs(prompts, frames, size)
     t0 = time.perf_counter()
     for k, spec in enumerate(specs):

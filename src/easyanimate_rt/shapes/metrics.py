@@ -53,13 +53,6 @@ def estimate_background(frame: np.ndarray) -> np.ndarray:
     return np.median(border.astype(np.float64), axis=0)
 
 
-def foreground_mask(frame: np.ndarray, background_rgb: Sequence[float] | None = None) -> np.ndarray:
-    """Bool (H, W): pixels whose delta E from the background exceeds FOREGROUND_DELTA_E."""
-    frame = _as_video(frame)[0]
-    bg = estimate_background(frame) if background_rgb is None else np.asarray(background_rgb, np.float64)
-    return _mask_lab(srgb_to_lab(frame), srgb_to_lab(bg))
-
-
 def _mask_lab(lab: np.ndarray, bg_lab: np.ndarray) -> np.ndarray:
     return np.linalg.norm(lab - bg_lab, axis=-1) > FOREGROUND_DELTA_E
 

@@ -16,6 +16,19 @@ def _interrupted(exc: TrainingInterrupted) -> int:
     return 130
 
 
+def _train_and_save(train, model, out: str) -> int:
+    """Run ``train()`` (which updates ``model``), then write the model directory."""
+    from ..reference.weights import save_model
+
+    try:
+        train()
+    except TrainingInterrupted as exc:
+        return _interrupted(exc)
+    save_model(model, out)
+    print(f"model written to {out}")
+    return 0
+
+
 def cmd_train_shapes(args: argparse.Namespace) -> int:
     from .recipe import ShapesRecipe, train_shapes
 
@@ -30,7 +43,7 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
-    from ..reference.weights import load_model_or_preset, save_model
+    from ..reference.weights import load_model_or_preset
     from .datasets import ManifestDataset
     from .vae_trainer import VAETrainConfig, train_vae
 
@@ -41,17 +54,14 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     cfg = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, decoder_only=args.decoder_only,
                          gan_start=args.gan_start, lpips_path=args.lpips, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, bf16=args.bf16)
-    try:
+    def train() -> None:
         model.vae = train_vae(model.vae, stills, clips, cfg, args.run, resume=not args.no_resume)
-    except TrainingInterrupted as exc:
-        return _interrupted(exc)
-    save_model(model, args.out)
-    print(f"model written to {args.out}")
-    return 0
+
+    return _train_and_save(train, model, args.out)
 
 
 def cmd_train_dit(args: argparse.Namespace) -> int:
-    from ..reference.weights import load_model_or_preset, load_pixart_backbone, save_model
+    from ..reference.weights import load_model_or_preset, load_pixart_backbone
     from .datasets import ManifestDataset
     from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
 
@@ -76,14 +86,11 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
         return (ManifestDataset(args.manifest, 1, stage.height, stage.width),
                 ManifestDataset(args.manifest, stage.frames, stage.height, stage.width))
 
-    try:
+    def train() -> None:
         model.dit = train_dit(model.dit, model.vae, model.text_encoder, sources, cfg, args.run,
                               resume=not args.no_resume)
-    except TrainingInterrupted as exc:
-        return _interrupted(exc)
-    save_model(model, args.out)
-    print(f"model written to {args.out}")
-    return 0
+
+    return _train_and_save(train, model, args.out)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:

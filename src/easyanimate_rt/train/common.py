@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import TrainingInterrupted
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # --- optimisation helpers -------------------------------------------------------------------
-
-def warmup_lambda(warmup_steps: int):
-    """Linear warm-up to the base learning rate, constant afterwards (PixArt recipe)."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-
 
 class EMA:
     """Exponential moving average of a module's floating-point parameters."""
@@ -172,17 +167,11 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    torch.save({**state, "step": step, "rng": _rng_state()}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with staged_dir(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        torch.save({**state, "step": step, "rng": _rng_state()}, tmp / "state.pt")
     atomic_write_text(root / "latest", final.name + "\n")
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
@@ -211,6 +200,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return weights, state, ema
+
+
+def resume_from(run_dir: str | Path, resume: bool, module: nn.Module, optimizer: torch.optim.Optimizer,
+                ema: "EMA | None" = None) -> tuple[int, dict[str, Any] | None]:
+    """Load the latest checkpoint of ``run_dir`` (when ``resume``) into ``module``,
+    ``optimizer`` and ``ema`` (and the RNG); return (the step to start from, the saved
+    state, for whatever else the trainer keeps in it), or (0, None)."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        return 0, None
+    weights, state, ema_state = load_checkpoint(ckpt)
+    module.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and ema_state is not None:
+        ema.load_state_dict(ema_state)
+    log.info("resumed %s training from %s (step %d)", type(module).__name__, ckpt, state["step"])
+    return int(state["step"]), state
 
 
 # --- metrics --------------------------------------------------------------------------------
@@ -284,7 +290,6 @@ def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / env.world_size for k, v in zip(values, t)}
-
 
 
 # --- the step loop --------------------------------------------------------------------------

@@ -67,8 +67,3 @@ def shapes_sources(frames: int, size: int, length: int, seed: int, split: str = 
     stills = ShapesDataset(split=split, frames=1, size=size, length=length, seed=seed + 1, still_fraction=1.0)
     clips = ShapesDataset(split=split, frames=frames, size=size, length=length, seed=seed)
     return stills, clips
-
-
-def collate(items: list[dict]) -> dict:
-    return {"video": torch.stack([it["video"] for it in items]),
-            "caption": [it["caption"] for it in items]}

@@ -32,21 +32,8 @@ from ..reference.dit import VideoDiT
 from ..reference.samplers import NoiseSchedule
 from ..reference.text import TextEncoder
 from ..reference.vae import SliceVAE
-from .common import (
-    EMA,
-    DistEnv,
-    MetricsLog,
-    autocast,
-    init_distributed,
-    latest_checkpoint,
-    load_checkpoint,
-    lr_factor,
-    run_steps,
-    save_checkpoint,
-    step_generator,
-    unwrap,
-    wrap_model,
-)
+from .common import (EMA, DistEnv, MetricsLog, autocast, init_distributed, lr_factor, resume_from, run_steps,
+                     save_checkpoint, step_generator, unwrap, wrap_model)
 from .losses import DiffusionLoss
 
 log = logging.getLogger(__name__)
@@ -188,16 +175,7 @@ def train_dit(dit: VideoDiT, vae: SliceVAE, text_encoder: TextEncoder, sources: 
     metrics = MetricsLog(run_dir, enabled=env.is_main)
     empty_emb, empty_mask = text_encoder.encode([""], device=device)            # (1, S, E), (1, S)
 
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        weights, state, ema_state = load_checkpoint(ckpt)
-        dit.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        if ema_state is not None:
-            ema.load_state_dict(ema_state)
-        start = state["step"]
-        log.info("resumed DiT training from %s (step %d)", ckpt, start)
+    start, _ = resume_from(run_dir, resume, dit, opt, ema)
 
     # Per-stage data: cached latents (frozen VAE) or live sources.
     caches: dict[int, tuple[LatentCache, LatentCache]] = {}

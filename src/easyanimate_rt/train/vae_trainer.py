@@ -21,29 +21,10 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..reference.vae import SliceVAE
-from .common import (
-    DistEnv,
-    MetricsLog,
-    autocast,
-    init_distributed,
-    latest_checkpoint,
-    load_checkpoint,
-    lr_factor,
-    run_steps,
-    save_checkpoint,
-    step_generator,
-    unwrap,
-    wrap_model,
-)
-from .losses import (
-    LPIPS,
-    ClipDiscriminator3D,
-    FramePatchGAN,
-    adaptive_gan_weight,
-    hinge_d_loss,
-    kl_standard_normal,
-    reconstruction_loss,
-)
+from .common import (DistEnv, MetricsLog, autocast, init_distributed, lr_factor, resume_from, run_steps,
+                     save_checkpoint, step_generator, unwrap, wrap_model)
+from .losses import (LPIPS, ClipDiscriminator3D, FramePatchGAN, adaptive_gan_weight, hinge_d_loss,
+                     kl_standard_normal, reconstruction_loss)
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +90,10 @@ def train_vae(vae: SliceVAE, stills: Dataset, clips: Dataset, cfg: VAETrainConfi
     lpips = LPIPS(cfg.lpips_path).to(env.device) if cfg.lpips_path else None
     metrics = MetricsLog(run_dir, enabled=env.is_main)
 
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        weights, state, _ = load_checkpoint(ckpt)
-        vae.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        if use_gan and "discriminators" in state:
-            discs.load_state_dict(state["discriminators"])
-            opt_d.load_state_dict(state["optimizer_d"])
-        start = state["step"]
-        log.info("resumed VAE training from %s (step %d)", ckpt, start)
+    start, state = resume_from(run_dir, resume, vae, opt)
+    if use_gan and state is not None and "discriminators" in state:
+        discs.load_state_dict(state["discriminators"])
+        opt_d.load_state_dict(state["optimizer_d"])
 
     world, rank, b = env.world_size, env.rank, cfg.batch_size
 
