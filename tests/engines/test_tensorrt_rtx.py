@@ -18,11 +18,14 @@ pytestmark = [pytest.mark.tensorrt,
               pytest.mark.skipif(not rtx.is_available() and not ON_CI,
                                  reason="tensorrt-rtx is not installed (extra: rtx)")]
 
-FP32_GRAPHS = ["text_encoder", "dit", "vae_encoder/image", "vae_encoder/slice"] + \
+# The DiT builds take 10-50 s each on 2 cores (the first one traces the graph too).
+_SLOW = pytest.mark.slow
+FP32_GRAPHS = ["text_encoder", pytest.param("dit", marks=_SLOW), "vae_encoder/image", "vae_encoder/slice"] + \
               [f"vae_decoder/{v}" for v in DECODER_VARIANTS]
 # Graphs that differ from fp32 in the other precisions (T5 stays fp32 in fp16 exports,
 # the VAE stays fp32 unless asked).
-LOWERED = [("dit", "fp16"), ("dit", "bf16"), ("text_encoder", "bf16"), ("dit", "fp8")]
+LOWERED = [pytest.param("dit", "fp16", marks=_SLOW), pytest.param("dit", "bf16", marks=_SLOW),
+           ("text_encoder", "bf16"), pytest.param("dit", "fp8", marks=_SLOW)]
 
 
 def _build(exports, name, key, precision="fp32", policy=None):

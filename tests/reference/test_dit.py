@@ -47,7 +47,14 @@ def test_motion_module_mixes_frames_after_training():
     x2 = x.clone()
     x2[:, :, 0] += torch.randn_like(x2[:, :, 0])
     moved = model(x2, t, text, mask)
-    assert (moved[:, :, 1:] - base[:, :, 1:]).abs().max() > 1e-4
+    # Frames 1 and 2 move by a mean 0.021 (0.021..0.026 over seeds 0-2) against outputs of
+    # mean size 0.94 there; frame 0 itself by up to 1.3.
+    assert (moved[:, :, 1:] - base[:, :, 1:]).abs().mean() > 0.01
+    # Control: the same change through the zero-initialised motion modules (and skips)
+    # leaves the other frames exactly as they were.
+    model = VideoDiT(TINY).eval()
+    _randomise(model, prefixes=())
+    assert torch.equal(model(x2, t, text, mask)[:, :, 1:], model(x, t, text, mask)[:, :, 1:])
 
 
 def _motion(block_size: int, global_second: bool = False) -> MotionModule:

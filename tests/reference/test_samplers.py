@@ -188,6 +188,8 @@ def test_step_keeps_dtype_and_does_not_touch_inputs():
     out = sampler.step(0, x, eps)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     assert torch.equal(x, x_copy)
+    # Computed in float32 and rounded once: the float32 step of the same values.
+    assert torch.equal(out, sampler.step(0, x.float(), eps.float()).bfloat16())
 
 
 @pytest.mark.parametrize("t", [0, 500, 999, torch.tensor(321), torch.tensor([0, 17, 500, 999])])

@@ -114,10 +114,49 @@ def test_not_a_model_directory(tmp_path):
 
 
 def test_text_encoder_pads_and_masks(tiny_model):
-    emb, mask = tiny_model.text_encoder.encode(["a red circle", ""])
-    assert emb.shape == (2, TINY.text_encoder.max_length, TINY.text_encoder.d_model)
-    assert mask[0].sum() > mask[1].sum() >= 1        # eos only for the empty prompt
+    encoder, n = tiny_model.text_encoder, TINY.text_encoder.max_length
+    tok = encoder.tokenizer
+    emb, mask = encoder.encode(["a red circle", ""])
+    assert emb.shape == (2, n, TINY.text_encoder.d_model)
+    # Token ids then eos, padded to max_length; the mask marks exactly those.
+    ids, mask2 = encoder.tokenize(["a red circle", ""])
+    words = tok("a red circle").input_ids
+    assert words[-1] == tok.eos_token_id and len(words) > 2
+    assert ids.tolist() == [words + [tok.pad_token_id] * (n - len(words)),
+                            [tok.eos_token_id] + [tok.pad_token_id] * (n - 1)]  # eos only when empty
+    assert mask.tolist() == mask2.tolist() == [[1] * len(words) + [0] * (n - len(words)), [1] + [0] * (n - 1)]
     long = " ".join(["red circle"] * 50)
-    _, mask = tiny_model.text_encoder.encode([long])
-    assert mask.sum() == TINY.text_encoder.max_length  # truncated
-    check_close(emb[0], tiny_model.text_encoder.encode(["a red circle"])[0][0], "reference_exact")
+    ids, mask = encoder.tokenize([long])
+    # Truncated to max_length, still ending in eos.
+    assert mask.tolist() == [[1] * n]
+    assert ids[0].tolist() == tok(long).input_ids[:n - 1] + [tok.eos_token_id]
+    check_close(emb[0], encoder.encode(["a red circle"])[0][0], "reference_exact")
+
+
+def test_random_model_leaves_nothing_in_tmp_and_no_global_rng_change(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp/TemporaryDirectory go
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = random_model(TINY, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert list(tmp_path.iterdir()) == []  # the tokenizer's training folder is gone
+    b = random_model(TINY, seed=5)
+    c = random_model(TINY, seed=6)
+    for (k, va), vb, vc in zip(a.dit.state_dict().items(), b.dit.state_dict().values(), c.dit.state_dict().values()):
+        assert torch.equal(va, vb), k  # a function of the seed alone
+    assert any(not torch.equal(va, vc) for va, vc in zip(a.vae.state_dict().values(), c.vae.state_dict().values()))
+    out = save_model(a, tmp_path / "m")  # the in-memory tokenizer still saves
+    assert (out / "tokenizer").is_dir() and any((out / "tokenizer").iterdir())
+    assert load_model(out).text_encoder.tokenize(["a red circle"])[0].tolist() == \
+        a.text_encoder.tokenize(["a red circle"])[0].tolist()
+
+
+def test_a_missing_model_path_is_not_taken_for_a_preset(tmp_path):
+    from easyanimate_rt.reference.weights import load_model_or_preset
+
+    with pytest.raises(CheckpointError, match="model directory not found: .*not a preset name"):
+        load_model_or_preset(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match="unknown preset 'no-such-preset'"):
+        load_model_or_preset("no-such-preset")
