@@ -42,6 +42,17 @@ def build_model(name: str):
         return load_model(SHAPES_DIR).eval()
     if name == "tiny":
         model = random_model(from_preset("tiny"))
+    elif name == "tiny-inp":
+        # A V3 InP DiT at the tiny size: 8 more input channels and a CLIP projection.
+        cfg = from_preset("tiny")
+        cfg = cfg.replace(dit=cfg.dit.replace(inpaint_channels=8, clip_channels=24))
+        model = random_model(cfg, seed=2)
+    elif name == "tiny-v2":
+        # V2's VAE at the tiny size: causal padding, 9-frame chunks -> 3 latents.
+        cfg = from_preset("tiny")
+        cfg = cfg.replace(vae=cfg.vae.replace(padding_mode="causal", slicing="chunk", slice_frames=9),
+                          sampling=cfg.sampling.replace(frames=9))
+        model = random_model(cfg, seed=3)
     elif name == "tiny-grid":
         # The release DiT's code paths: Grid Reshape (V2) and hybrid global attention (V3).
         cfg = from_preset("tiny")

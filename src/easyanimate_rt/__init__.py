@@ -44,12 +44,13 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
-if TYPE_CHECKING:
-    from .errors import (CheckpointError, ConfigError, EasyAnimateError, EngineError, ExportError, InputError,
-                         MissingDependencyError, ShapeError)
-    from .reference.config import PRESETS, ModelConfig, from_preset
-    from .reference.pipeline import GenerationRequest, GenerationResult, ReferencePipeline
-    from .reference.weights import EasyAnimateModel, load_model, load_model_or_preset, random_model, save_model
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
+    from .errors import (CheckpointError, ConfigError, EasyAnimateError, EngineError,  # noqa: F401
+                         ExportError, InputError, MissingDependencyError, ShapeError)
+    from .reference.config import PRESETS, ModelConfig, from_preset  # noqa: F401
+    from .reference.pipeline import GenerationRequest, GenerationResult, ReferencePipeline  # noqa: F401
+    from .reference.weights import (EasyAnimateModel, load_model, load_model_or_preset,  # noqa: F401
+                                    random_model, save_model)
 
 
 def __getattr__(name: str) -> Any:

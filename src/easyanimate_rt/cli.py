@@ -53,6 +53,7 @@ def model_info(preset: str, height: int | None, width: int | None, frames: int |
         vae = SliceVAE(cfg.vae)
     motion = sum(_count(b.attn_temporal) for b in dit.transformer_blocks if b.attn_temporal is not None)
     skips = _count(dit.long_connect_fc)
+    clip = _count(dit.clip_projection) if dit.clip_projection is not None else 0
     t5 = cfg.text_encoder
     h = height or cfg.sampling.height
     w = width or cfg.sampling.width
@@ -61,8 +62,8 @@ def model_info(preset: str, height: int | None, width: int | None, frames: int |
     s = cfg.vae.spatial_compression * cfg.dit.patch_size
     return {
         "preset": preset,
-        "dit_params": _count(dit), "dit_backbone_params": _count(dit) - motion - skips,
-        "motion_module_params": motion, "skip_params": skips, "vae_params": _count(vae),
+        "dit_params": _count(dit), "dit_backbone_params": _count(dit) - motion - skips - clip,
+        "motion_module_params": motion, "skip_params": skips, "clip_params": clip, "vae_params": _count(vae),
         "text_encoder": f"T5 d_model={t5.d_model} layers={t5.num_layers} max_length={t5.max_length}",
         "size": f"{h}x{w}x{f}", "latent_frames": lf,
         "tokens": lf * (h // s) * (w // s),
@@ -90,8 +91,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .reference.pipeline import ReferencePipeline
 
     model = args.model or default_model()
+    image = None
+    if args.image is not None:
+        from .media import read_image
+
+        image = read_image(args.image)  # a missing or broken file fails before the model loads
     t0 = time.perf_counter()
-    pipe = ReferencePipeline.from_pretrained(model, device=args.device)
+    pipe = ReferencePipeline.from_pretrained(model, device=args.device, clip_model=args.clip_model)
     if Path(model).is_dir():
         print(f"model: {model}")
     else:
@@ -99,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     req = pipe.request(args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                        width=args.width, frames=args.frames, steps=args.steps,
                        guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
-                       guidance_mode=args.guidance_mode)
+                       guidance_mode=args.guidance_mode, image=image)
     req.validate(pipe.config)
     bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet)
 
@@ -143,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="ddim, euler, euler_a or dpm++ (default: the model's)")
     p.add_argument("--guidance-mode", choices=["batched", "sequential"], default="batched")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", help="image-to-video: the start frame (png/jpg of the video's size; InP models)")
+    p.add_argument("--clip-model", help="local CLIP vision model directory (CLIPVisionModelWithProjection) "
+                                        "for --image; without it the start image conditions through the VAE only")
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)

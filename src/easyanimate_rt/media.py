@@ -341,6 +341,29 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(frames[..., :3]), 8.0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One RGB image as uint8 (H, W, 3) (an alpha channel is dropped, grey is expanded)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"image file must end in one of {list(IMAGE_SUFFIXES)}, got {path.name!r}")
+    if not path.is_file():
+        raise InputError(f"image file not found: {path}")
+    try:
+        image = np.asarray(iio.imread(path))
+    except Exception as exc:  # imageio raises many types for a broken file
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.dtype != np.uint8:
+        raise InputError(f"image {path} must be 8-bit RGB(A), got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image[..., :3])
+
+
 def write_clip(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     """Write frames (F, H, W, 3) uint8 losslessly: ``.mp4`` (RGB H.264, qp 0) or ``.png``
     (1 frame). :func:`read_video` reads them back exactly."""

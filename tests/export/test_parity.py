@@ -40,9 +40,30 @@ def test_onnxruntime_matches_torch_fp32(exports, name, key):
     _check(exports, name, key)
 
 
+@pytest.mark.slow
 def test_dit_release_paths_grid_reshape_and_hybrid_attention(exports):
     """Grid Reshape (V2, block 2) and the hybrid motion module (V3) at the tiny size."""
     _check(exports, "tiny-grid", "dit")
+
+
+def test_inp_dit_graph_takes_the_inpaint_and_clip_inputs(exports):
+    """An InP DiT (V3 release layout) exports with its extra inputs, and they matter."""
+    spec, _ = exports.written("tiny-inp", "dit")
+    assert spec.input_names == ["latents", "timestep", "text", "text_mask", "inpaint_latents", "clip_embeds",
+                                "clip_mask"]
+    _check(exports, "tiny-inp", "dit")
+    model = exports.model("tiny-inp")
+    feeds = spec.random_inputs(seed=7)
+    hidden = dict(feeds, clip_mask=np.zeros_like(feeds["clip_mask"]), clip_embeds=np.zeros_like(feeds["clip_embeds"]))
+    base = run_torch(model, spec, feeds)["noise_pred"]
+    assert np.abs(run_torch(model, spec, hidden)["noise_pred"] - base).max() > 1e-4
+    moved = dict(feeds, inpaint_latents=feeds["inpaint_latents"] + 1.0)
+    assert np.abs(run_torch(model, spec, moved)["noise_pred"] - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("key", ["vae_encoder/image", "vae_encoder/slice", "vae_decoder/chunk", "vae_decoder/lone"])
+def test_chunked_v2_vae_graphs(exports, key):
+    _check(exports, "tiny-v2", key)
 
 
 def test_parity_dims_cover_the_contract(exports):
@@ -92,3 +113,26 @@ def test_exported_slices_reproduce_reference_encode_and_decode(exports, name, fr
     check_close(torch.cat(decoded, dim=2), vae.decode(latents), "onnx_fp32")
     expected_variants = {25: {"lone", "first", "interior", "last"}, 16: {"first", "last"}, 8: {"single"}}
     assert used == expected_variants[frames]
+
+
+@pytest.mark.parametrize("frames", [1, 18])
+@torch.no_grad()
+def test_exported_chunks_reproduce_the_v2_encode_and_decode(exports, frames):
+    """V2: every 9-frame chunk encoded whole (-> 3 latents), every 3-latent chunk decoded
+    whole (-> 9 frames, the chunk's first frame not doubled)."""
+    model = exports.model("tiny-v2")
+    vae, cfg = model.vae, model.config
+    gen = torch.Generator().manual_seed(frames)
+    video = torch.rand(1, 3, frames, 32, 48, generator=gen) * 2 - 1
+    encoders = {"image": _ort(exports, "tiny-v2", "vae_encoder/image"),
+                "slice": _ort(exports, "tiny-v2", "vae_encoder/slice")}
+    parts = [torch.from_numpy(encoders["image" if b - a == 1 else "slice"](video[:, :, a:b].contiguous()))
+             for a, b in vae.frame_slices(frames)]
+    latents = torch.cat(parts, dim=2)
+    assert latents.shape[2] == cfg.vae.latent_frames(frames) == (1 if frames == 1 else 6)
+    check_close(latents, vae.encode(video), "onnx_fp32")
+    decoded = [torch.from_numpy(_ort(exports, "tiny-v2", f"vae_decoder/{decoder_variant(cfg, s)}")(
+        latents[:, :, s.ctx_start:s.ctx_end].contiguous())) for s in vae.slice_plan(latents.shape[2])]
+    out = torch.cat(decoded, dim=2)
+    assert out.shape[2] == frames
+    check_close(out, vae.decode(latents), "onnx_fp32")

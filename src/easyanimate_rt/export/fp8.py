@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import ExportError, MissingDependencyError
 from .precision import DIT_FP8_EXCLUDE, in_scope, node_module
+from .spec import dit_input_names
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ FP8_MAX = 448.0  # largest finite float8e4m3fn
 #: divides by zero in QuantizeLinear). Only tensors with amax < 448 * 2**-14 = 0.027
 #: get a coarser grid than amax / 448.
 MIN_SCALE = 2.0 ** -14
-DIT_INPUTS = ("latents", "timestep", "text", "text_mask")
 
 #: Calibration prompts: the caption style of the synthetic training set, which the
 #: small models' tokenizers know; release models take any text.
@@ -76,20 +76,26 @@ def record_dit_inputs(model, prompts: Sequence[str] = DEFAULT_PROMPTS, *, steps:
     """The DiT inputs of every denoising step of the reference pipeline, one generation
     per prompt (seed ``seed + i``), batched guidance: a list of feeds with
     ``latents`` (2, C, F, H, W), ``timestep`` (2,) float32, ``text`` (2, S, E) and
-    ``text_mask`` (2, S) int64, in step order."""
+    ``text_mask`` (2, S) int64 (and an InP model's ``inpaint_latents``, ``clip_embeds``,
+    ``clip_mask``), in step order; the names are ``spec.dit_input_names``."""
     from ..reference.pipeline import ReferencePipeline
 
     pipe = ReferencePipeline(model)
+    names = dit_input_names(model.config)
     records: list[dict[str, torch.Tensor]] = []
 
-    def hook(_module, args):
-        latents, timestep, text, mask = args
-        records.append({"latents": latents.detach().float().clone(),
-                        "timestep": timestep.detach().float().reshape(-1).expand(latents.shape[0]).clone(),
-                        "text": text.detach().float().clone(),
-                        "text_mask": mask.detach().to(torch.int64).clone()})
+    def hook(_module, args, kwargs):
+        values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        batch = values["latents"].shape[0]
+        record = {}
+        for name in names:
+            v = values[name].detach()
+            if name == "timestep":
+                v = v.float().reshape(-1).expand(batch)
+            record[name] = (v.to(torch.int64) if name.endswith("mask") else v.float()).clone()
+        records.append(record)
 
-    handle = model.dit.register_forward_pre_hook(hook)
+    handle = model.dit.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i, prompt in enumerate(prompts):
             req = pipe.request(prompt, steps=steps, sampler=sampler, height=height, width=width,
@@ -130,7 +136,7 @@ def _max_calibrate(dit: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
     try:
         with torch.no_grad():
             for feeds in batches:
-                dit(*(feeds[k] for k in DIT_INPUTS))
+                dit(*feeds.values())  # recorded in forward's argument order
     finally:
         for h in handles:
             h.remove()
@@ -162,7 +168,7 @@ def modelopt_quantize(dit: nn.Module, batches: Sequence[Mapping[str, torch.Tenso
 
     def forward_loop(m):
         for feeds in batches:
-            m(*(feeds[k] for k in DIT_INPUTS))
+            m(*feeds.values())
 
     quantized = copy.deepcopy(dit).eval()
     with torch.no_grad(), _quiet_modelopt():

@@ -35,8 +35,9 @@ def _text(net, input_ids, attention_mask):
     return net(input_ids, attention_mask)                         # (B, S, E)
 
 
-def _dit(net, latents, timestep, text, text_mask):
-    return net(latents, timestep, text, text_mask)                # (B, C', F, H, W)
+def _dit(net, latents, timestep, text, text_mask, *inp):
+    # inp: inpaint_latents [, clip_embeds, clip_mask] of an InP model (spec.dit_input_names)
+    return net(latents, timestep, text, text_mask, *inp)          # (B, C', F, H, W)
 
 
 def _encode(net, frames):

@@ -50,7 +50,7 @@ _COMPUTE = ("float32", "float16", "bfloat16")
 
 # Parts of the DiT kept out of FP8 (DESIGN.md 4): embeddings, patch embed, time MLP,
 # final projection.
-DIT_FP8_EXCLUDE = ("pos_embed", "adaln_single", "caption_projection", "proj_out")
+DIT_FP8_EXCLUDE = ("pos_embed", "adaln_single", "caption_projection", "clip_projection", "proj_out")
 _NORM_OPS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "Softmax")
 _NORM_CLASSES = ("LayerNorm", "GroupNorm", "T5LayerNorm")
 

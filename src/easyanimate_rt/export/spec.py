@@ -10,7 +10,9 @@ Networks and graphs (names are the folder names under an export directory):
 
     text_encoder                 T5: input_ids, attention_mask (B, S) -> text_embeddings (B, S, E)
     dit                          one denoising step: latents (B, C, F, H, W), timestep (B,),
-                                 text (B, S, E), text_mask (B, S) -> noise_pred (B, C', F, H, W)
+                                 text (B, S, E), text_mask (B, S) -> noise_pred (B, C', F, H, W);
+                                 InP models also take inpaint_latents (B, 2C, F, H, W) and,
+                                 with a CLIP projection, clip_embeds (B, K), clip_mask (B, T)
     vae_encoder/<variant>        one encoder slice: frames (B, 3, T, H, W) -> latents
                                  (B, 4, T', H/8, W/8); variants ``image`` (T = 1) and
                                  ``slice`` (T = slice_frames)
@@ -26,6 +28,9 @@ per slice (2 for every preset) the variants are:
     last      (2n, n, n)   last slice of a video with more than one slice
     single    (n, 0, n)    the only slice of a video
     lone      (1, 0, 1)    the lone first latent of an odd-length video (8k+1 frames)
+
+A chunked (V2) VAE decodes every 3-latent chunk on its own: variants ``chunk`` (3, 0, 3)
+and ``lone`` (1, 0, 1) for an image.
 
 :func:`decoder_variant` maps a :class:`SliceSpec` to its variant name.
 
@@ -60,7 +65,8 @@ SPEC_FORMAT = 1
 
 NETWORKS = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
 ENCODER_VARIANTS = ("image", "slice")
-DECODER_VARIANTS = ("interior", "first", "last", "single", "lone")
+DECODER_VARIANTS = ("interior", "first", "last", "single", "lone")  # slice-mode VAEs
+CHUNK_DECODER_VARIANTS = ("chunk", "lone")  # chunked (V2) VAEs
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
               "bool": np.bool_}
@@ -375,18 +381,32 @@ def dit_spec(config: ModelConfig, precision: str = "fp32", *, max_frames: int | 
     opt_f = v.latent_frames(sd.frames)
     opt_h, opt_w = sd.height // sc, sd.width // sc
     hi = max_size or max(opt_h, opt_w, 4 * mult)
+    inputs = [TensorSpec("latents", "float32", ("batch", d.in_channels, "frames", "height", "width")),
+              TensorSpec("timestep", "float32", ("batch",), "timestep"),
+              TensorSpec("text", "float32", ("batch", s, e)),
+              TensorSpec("text_mask", "int64", ("batch", s), "mask")]
+    if d.inpaint:
+        inputs.append(TensorSpec("inpaint_latents", "float32", ("batch", d.inpaint_channels, "frames", "height", "width")))
+    if d.clip_channels:
+        inputs += [TensorSpec("clip_embeds", "float32", ("batch", d.clip_channels)),
+                   TensorSpec("clip_mask", "int64", ("batch", d.clip_tokens), "mask")]
+    assert tuple(t.name for t in inputs) == dit_input_names(config)
     return _assemble(
-        "dit", "", config, precision,
-        [TensorSpec("latents", "float32", ("batch", d.in_channels, "frames", "height", "width")),
-         TensorSpec("timestep", "float32", ("batch",), "timestep"),
-         TensorSpec("text", "float32", ("batch", s, e)),
-         TensorSpec("text_mask", "int64", ("batch", s), "mask")],
+        "dit", "", config, precision, inputs,
         [TensorSpec("noise_pred", "float32", ("batch", d.out_channels, "frames", "height", "width"))],
         [_dim("batch", 1, 2, 2, doc="1, or 2 for batched classifier-free guidance"),
          _dim("frames", 1, opt_f, max(max_frames or opt_f, opt_f), doc="latent frames"),
          _dim("height", 2 * mult, opt_h, hi, mult, doc="latent height"),
          _dim("width", 2 * mult, opt_w, hi, mult, doc="latent width")],
         sample={"batch": 2, "frames": 2, "height": 2 * mult, "width": 3 * mult})
+
+
+def dit_input_names(config: ModelConfig) -> tuple[str, ...]:
+    """The DiT graph's inputs, in ``VideoDiT.forward``'s order: the InP ones only when the
+    model has them."""
+    d = config.dit
+    return (("latents", "timestep", "text", "text_mask") + (("inpaint_latents",) if d.inpaint else ())
+            + (("clip_embeds", "clip_mask") if d.clip_channels else ()))
 
 
 def vae_encoder_spec(config: ModelConfig, variant: str, precision: str = "fp32",
@@ -411,15 +431,18 @@ def vae_encoder_spec(config: ModelConfig, variant: str, precision: str = "fp32",
 
 def decoder_variants(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
     """Variant name -> (context latent frames, start, length), read off the VAE config's
-    own slice plans (see the module docstring): the lone first latent of an odd video,
-    the only slice of a one-slice video, and the first, interior and last slices of a
-    three-slice video cover every entry any plan can have."""
+    own slice plans (see the module docstring). Slice mode: the lone first latent of an
+    odd video, the only slice of a one-slice video, and the first, interior and last
+    slices of a three-slice video cover every entry any plan can have. Chunk mode (V2):
+    every chunk is its own context, so ``chunk`` and the ``lone`` latent of an image."""
     vae = config.vae
     n = vae.latents_per_slice
 
     def key(s: SliceSpec) -> tuple[int, int, int]:
         return (s.ctx_end - s.ctx_start, s.start, s.length)
 
+    if vae.slicing == "chunk":
+        return {"chunk": key(vae.slice_plan(n)[0]), "lone": key(vae.slice_plan(1)[0])}
     first, interior, last = (key(s) for s in vae.slice_plan(3 * n))
     table = {"interior": interior, "first": first, "last": last, "single": key(vae.slice_plan(n)[0])}
     if n > 1:
@@ -444,7 +467,7 @@ def vae_decoder_spec(config: ModelConfig, variant: str, precision: str = "fp32",
     ctx, start, length = table[variant]
     v, sd = config.vae, config.sampling
     sc = v.spatial_compression
-    frames = 1 if length == 1 else length * v.temporal_compression
+    frames = v.decoded_frames(length)
     opt_h, opt_w = sd.height // sc, sd.width // sc
     hi = max_size or max(opt_h, opt_w)
     return _assemble(

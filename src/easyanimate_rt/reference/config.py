@@ -15,6 +15,10 @@ from ..errors import ConfigError, ShapeError
 
 DTYPES = ("float32", "float16", "bfloat16")
 PADDING_MODES = ("slice", "causal")
+#: "slice" (V3): a lone first frame, then slice_frames-frame slices encoded independently
+#: and decoded with their neighbours; "chunk" (V2): slice_frames-frame chunks (9) each
+#: encoded whole (-> 3 latents) and 3-latent chunks each decoded whole (-> 9 frames).
+SLICINGS = ("slice", "chunk")
 RESAMPLE_TYPES = ("spatial", "spacetime", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -110,16 +114,23 @@ class VAEConfig(_Serialisable):
     norm_num_groups: int = 32
     norm_eps: float = 1e-6
     mid_block_attention: bool = True
+    # res-blocks in each mid block, an attention between each pair; upstream builds
+    # layers_per_block of them (2 at release), our small models were trained with 2.
+    mid_block_layers: int = 2
     padding_mode: str = "slice"
-    slice_frames: int = 8  # pixel frames per encoder slice
+    slicing: str = "slice"
+    slice_frames: int = 8  # pixel frames per encoder slice (or chunk: 9 for V2)
     scaling_factor: float = 0.18215
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _positive(self, "in_channels", "out_channels", "latent_channels", "layers_per_block",
-                  "norm_num_groups", "slice_frames")
+                  "norm_num_groups", "slice_frames", "mid_block_layers")
         _choice(self, "padding_mode", PADDING_MODES)
+        _choice(self, "slicing", SLICINGS)
         _choice(self, "dtype", DTYPES)
+        if self.slicing == "chunk" and self.padding_mode != "causal":
+            raise ConfigError(f"VAEConfig.slicing 'chunk' (V2) needs padding_mode 'causal', got {self.padding_mode!r}")
         if not self.block_out_channels:
             raise ConfigError("VAEConfig.block_out_channels must not be empty")
         for c in self.block_out_channels:
@@ -140,10 +151,14 @@ class VAEConfig(_Serialisable):
             raise ConfigError("VAEConfig.up_block_types must undo the spatial compression of down_block_types")
         if self.temporal_compression != self._up_temporal:
             raise ConfigError("VAEConfig.up_block_types must undo the temporal compression of down_block_types")
-        if self.slice_frames % self.temporal_compression:
+        if self.slicing == "slice" and self.slice_frames % self.temporal_compression:
             raise ConfigError(
                 f"VAEConfig.slice_frames must be a multiple of the temporal compression "
                 f"{self.temporal_compression}, got {self.slice_frames}")
+        if self.slicing == "chunk" and (self.slice_frames - 1) % self.temporal_compression:
+            raise ConfigError(
+                f"VAEConfig.slice_frames of a chunked VAE must be a multiple of the temporal "
+                f"compression {self.temporal_compression} plus 1, got {self.slice_frames}")
 
     @property
     def spatial_compression(self) -> int:
@@ -163,31 +178,78 @@ class VAEConfig(_Serialisable):
 
     @property
     def latents_per_slice(self) -> int:
+        """Latent frames one encoder slice (chunk) gives: 8 -> 2 (slice), 9 -> 3 (chunk)."""
+        if self.slicing == "chunk":
+            return 1 + (self.slice_frames - 1) // self.temporal_compression
         return self.slice_frames // self.temporal_compression
+
+    def check_frames(self, frames: int) -> None:
+        """The frame counts this VAE encodes and decodes back to the same count."""
+        if self.slicing == "chunk":
+            n = self.slice_frames
+            if isinstance(frames, int) and frames >= 1 and (frames == 1 or frames % n == 0):
+                return
+            from ..errors import InputError
+
+            raise InputError(f"frames must be 1 or a multiple of {n} (this VAE encodes {n}-frame chunks), "
+                             f"got {frames!r}")
+        check_frames(frames, self.slice_frames)
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames for a video of ``frames`` frames (DESIGN.md 1.2, slicing)."""
-        check_frames(frames, self.slice_frames)
+        self.check_frames(frames)
+        if self.slicing == "chunk":
+            return 1 if frames == 1 else frames // self.slice_frames * self.latents_per_slice
         if frames % 2:
             return 1 + (frames - 1) // self.slice_frames * self.latents_per_slice
         return frames // self.slice_frames * self.latents_per_slice
 
+    def video_frames(self, latent_frames: int) -> int:
+        """Inverse of :meth:`latent_frames`."""
+        if latent_frames <= 0:
+            raise ConfigError(f"latent_frames must be positive, got {latent_frames}")
+        n = self.latents_per_slice
+        if self.slicing == "chunk":
+            if latent_frames == 1:
+                return 1
+            if latent_frames % n == 0:
+                return latent_frames // n * self.slice_frames
+            raise ConfigError(f"latent_frames must be 1 or a multiple of {n}, got {latent_frames}")
+        if latent_frames % n == 0:
+            return latent_frames // n * self.slice_frames
+        if (latent_frames - 1) % n == 0:
+            return 1 + (latent_frames - 1) // n * self.slice_frames
+        raise ConfigError(f"latent_frames must be a multiple of {n} or one more, got {latent_frames}")
+
     def frame_slices(self, frames: int) -> list[tuple[int, int]]:
-        """Pixel frame ranges the encoder sees independently: ``[0, 1)`` for an odd
-        video's first frame, then ``slice_frames``-frame slices."""
-        check_frames(frames, self.slice_frames)
-        first = frames % 2
+        """Pixel frame ranges the encoder sees independently: slice mode, ``[0, 1)`` for
+        an odd video's first frame, then ``slice_frames``-frame slices; chunk mode,
+        ``slice_frames``-frame chunks, the last one shorter where the video is (as
+        upstream V2 encodes any length; only 1 and multiples of 9 decode back to the same
+        count, which is the request rule :meth:`check_frames`)."""
         n = self.slice_frames
+        if self.slicing == "chunk":
+            if not isinstance(frames, int) or frames < 1:
+                raise ShapeError(f"frames must be a positive integer, got {frames!r}")
+            return [(i, min(i + n, frames)) for i in range(0, frames, n)]
+        self.check_frames(frames)
+        first = frames % 2
         return [(0, 1)] * first + [(i, i + n) for i in range(first, frames, n)]
 
     def slice_plan(self, latent_frames: int) -> list[SliceSpec]:
         """What the VAE's decode does for ``latent_frames`` latents, one entry per slice.
 
-        If ``latent_frames % latents_per_slice == 1`` the first latent is decoded alone
-        (context of 1). The others are ``latents_per_slice``-latent slices whose context
-        adds the previous and the next slice where they exist (DESIGN.md 1.2).
+        Slice mode: if ``latent_frames % latents_per_slice == 1`` the first latent is
+        decoded alone (context of 1); the others are ``latents_per_slice``-latent slices
+        whose context adds the previous and the next slice where they exist (DESIGN.md
+        1.2). Chunk mode: ``latents_per_slice``-latent chunks, each its own context.
         """
         n = self.latents_per_slice
+        if self.slicing == "chunk":  # upstream V2: 3-latent chunks, the last one shorter
+            if not isinstance(latent_frames, int) or latent_frames < 1:
+                raise ShapeError(f"latent frames must be a positive integer, got {latent_frames!r}")
+            return [SliceSpec(s, min(s + n, latent_frames), 0, min(n, latent_frames - s))
+                    for s in range(0, latent_frames, n)]
         if not isinstance(latent_frames, int) or latent_frames < 1 or latent_frames % n > 1:
             raise ShapeError(f"latent frames must be a positive multiple of {n} or a multiple "
                              f"of {n} plus 1, got {latent_frames!r}")
@@ -201,19 +263,13 @@ class VAEConfig(_Serialisable):
         return plan
 
     def decoded_frames(self, length: int) -> int:
-        """Pixel frames a slice of ``length`` latents decodes to (a lone latent -> 1)."""
-        return 1 if length == 1 else length * self.temporal_compression
-
-    def video_frames(self, latent_frames: int) -> int:
-        """Inverse of :meth:`latent_frames`."""
-        if latent_frames <= 0:
-            raise ConfigError(f"latent_frames must be positive, got {latent_frames}")
-        n = self.latents_per_slice
-        if latent_frames % n == 0:
-            return latent_frames // n * self.slice_frames
-        if (latent_frames - 1) % n == 0:
-            return 1 + (latent_frames - 1) // n * self.slice_frames
-        raise ConfigError(f"latent_frames must be a multiple of {n} or one more, got {latent_frames}")
+        """Pixel frames a slice of ``length`` latents decodes to: a lone latent -> 1; in
+        causal mode the first frame is not doubled in time (3 -> 9), else 2 -> 8."""
+        if length == 1:
+            return 1
+        if self.padding_mode == "causal":
+            return 1 + (length - 1) * self.temporal_compression
+        return length * self.temporal_compression
 
 
 def check_frames(frames: int, slice_frames: int = 8) -> None:
@@ -249,6 +305,13 @@ class DiTConfig(_Serialisable):
     temporal_max_positions: int = 4096
     hybrid_global_attention: bool = False  # V3: odd blocks use global attention
     long_skips: bool = True
+    # InP models (the released V3 checkpoints): mask latents + masked-video latents
+    # (each in_channels wide) are concatenated to the noisy latents on channels before
+    # the patch embedding (upstream in_channels 12 = 3 x 4), and a CLIP image embedding
+    # (clip_channels, 768 for ViT-L/14) is projected to clip_tokens extra text tokens.
+    inpaint_channels: int = 0
+    clip_channels: int = 0
+    clip_tokens: int = 8
     # What the first in_channels outputs mean: the noise (EasyAnimate's releases) or
     # v = sqrt(abar) eps - sqrt(1 - abar) x0 (the shipped shapes model; samplers.Sampler.epsilon).
     prediction_type: str = "epsilon"
@@ -277,6 +340,13 @@ class DiTConfig(_Serialisable):
             raise ConfigError(
                 f"DiTConfig.sample_size must be a multiple of patch_size={self.patch_size}, "
                 f"got {self.sample_size}")
+        if self.inpaint_channels not in (0, 2 * self.in_channels):
+            raise ConfigError(
+                f"DiTConfig.inpaint_channels must be 0 or 2 x in_channels ({2 * self.in_channels}: mask + "
+                f"masked-video latents), got {self.inpaint_channels}")
+        if self.clip_channels < 0 or self.clip_tokens < 1:
+            raise ConfigError(f"DiTConfig needs clip_channels >= 0 and clip_tokens >= 1, got "
+                              f"{self.clip_channels}, {self.clip_tokens}")
 
     @property
     def hidden_size(self) -> int:
@@ -291,6 +361,16 @@ class DiTConfig(_Serialisable):
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def inpaint(self) -> bool:
+        """An InP model: takes mask and masked-video latents (image-to-video)."""
+        return self.inpaint_channels > 0
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Channels the patch embedding sees (upstream's ``in_channels``: 4, or 12 for InP)."""
+        return self.in_channels + self.inpaint_channels
 
     @property
     def interpolation_scale(self) -> float:
@@ -377,9 +457,18 @@ _TINY_VAE = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, no
 _TINY_DIT = DiTConfig(num_layers=4, num_attention_heads=2, attention_head_dim=16, caption_channels=32,
                       sample_size=8, temporal_num_heads=2, temporal_max_positions=64)
 
-# V2 (paper v1) uses Grid Reshape (block_size 2) and 8 temporal heads; V3 swaps in the
-# hybrid motion module with 16 temporal heads.
-_V2_512 = DiTConfig(sample_size=64, temporal_num_heads=8, temporal_block_size=2)
+# The released V2 and V3 DiTs use plain temporal attention (motion_module_type "Vanilla",
+# block_size 1: configs easyanimate_video_magvit_motion_module_v2.yaml and
+# easyanimate_video_slicevae_motion_module_v3.yaml); Grid Reshape (block_size 2) is the
+# paper's V1 setting and our shipped model's. These settings are not in a checkpoint's
+# config.json, so the presets carry them. V2: 8 temporal heads, a causal VAE chunked
+# 9 frames -> 3 latents. V3: hybrid motion module (global attention in odd blocks), 16
+# temporal heads, the slice VAE, and every released V3 model is InP (12 input channels
+# and a CLIP ViT-L/14 image projection).
+_V2_DIT = DiTConfig(sample_size=64, temporal_num_heads=8, temporal_block_size=1)
+_V2_VAE = VAEConfig(padding_mode="causal", slicing="chunk", slice_frames=9)
+_V3_DIT = _V2_DIT.replace(temporal_num_heads=16, hybrid_global_attention=True, inpaint_channels=8,
+                          clip_channels=768)
 
 # The shipped default model (issue 3): 64x64 pixels, 17 frames at 8 fps, trained here on
 # the synthetic moving-shapes world. Small enough to train and run on a 2-core CPU.
@@ -404,17 +493,24 @@ PRESETS: dict[str, ModelConfig] = {
         sampling=SamplingDefaults(height=64, width=64, frames=9, fps=8, steps=5, guidance_scale=4.0),
     ),
     "v2-512": ModelConfig(
-        name="v2-512", dit=_V2_512,
+        name="v2-512", vae=_V2_VAE, dit=_V2_DIT,
         sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0),
     ),
     "v2-768": ModelConfig(
-        name="v2-768", dit=_V2_512.replace(sample_size=96),
+        name="v2-768", vae=_V2_VAE, dit=_V2_DIT.replace(sample_size=96),
         sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0),
     ),
+    "v3-512": ModelConfig(
+        name="v3-512", dit=_V3_DIT,
+        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=25, guidance_scale=7.0),
+    ),
     "v3-768": ModelConfig(
-        name="v3-768",
-        dit=_V2_512.replace(sample_size=96, temporal_num_heads=16, hybrid_global_attention=True),
+        name="v3-768", dit=_V3_DIT.replace(sample_size=96),
         sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0),
+    ),
+    "v3-960": ModelConfig(
+        name="v3-960", dit=_V3_DIT.replace(sample_size=120),
+        sampling=SamplingDefaults(height=960, width=960, frames=144, fps=24, steps=25, guidance_scale=7.0),
     ),
 }
 

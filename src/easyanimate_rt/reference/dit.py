@@ -318,6 +318,12 @@ class VideoDiT(nn.Module):
 
     forward(latents (B, C, F, H, W), timestep (B,), text (B, S, E), text_mask (B, S))
         -> (B, 2C or C, F, H, W): noise prediction (+ learned-variance channels).
+
+    InP models (``config.inpaint``) also take ``inpaint_latents`` (B, 2C, F, H, W): mask
+    latents and masked-video latents, concatenated to the noisy latents on channels; and,
+    with ``config.clip_channels``, ``clip_embeds`` (B, K) with ``clip_mask`` (B, T): a CLIP
+    image embedding projected to T extra text tokens. Missing ones are zeros, and a zero
+    CLIP mask hides the CLIP tokens (upstream's text-to-video and negative branch).
     """
 
     def __init__(self, config: DiTConfig):
@@ -325,9 +331,13 @@ class VideoDiT(nn.Module):
         self.config = config
         d, p = config.hidden_size, config.patch_size
         self.gradient_checkpointing = False
-        self.pos_embed = PatchEmbed(config.in_channels, d, p)
+        self.pos_embed = PatchEmbed(config.patch_in_channels, d, p)
         self.adaln_single = AdaLNSingle(d)
         self.caption_projection = CaptionProjection(config.caption_channels, d)
+        # InP: the CLIP image embedding becomes clip_tokens tokens of width D (upstream
+        # CLIPProjection: Linear -> tanh-GELU -> Linear, the second zero-initialised).
+        self.clip_projection = (CaptionProjection(config.clip_channels, d * config.clip_tokens)
+                                if config.clip_channels else None)
         self.transformer_blocks = nn.ModuleList([VideoDiTBlock(config, i) for i in range(config.num_layers)])
         self.long_connect_fc = nn.ModuleList([nn.Linear(d, d) for _ in range(config.num_skips)])
         self.norm_out = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
@@ -356,6 +366,9 @@ class VideoDiT(nn.Module):
         nn.init.normal_(self.adaln_single.linear.weight, std=0.02)
         nn.init.normal_(self.caption_projection.linear_1.weight, std=0.02)
         nn.init.normal_(self.caption_projection.linear_2.weight, std=0.02)
+        if self.clip_projection is not None:
+            nn.init.zeros_(self.clip_projection.linear_2.weight)
+            nn.init.zeros_(self.clip_projection.linear_2.bias)
         with torch.no_grad():
             self.scale_shift_table.copy_(torch.randn(2, d) / d ** 0.5)
             for blk in self.transformer_blocks:
@@ -386,13 +399,21 @@ class VideoDiT(nn.Module):
                 raise ShapeError(f"latent {name} must be a multiple of {mult}, got {size}")
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, inpaint_latents: torch.Tensor | None = None,
+                clip_embeds: torch.Tensor | None = None, clip_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         cfg = self.config
         b, c, frames, hh, ww = latents.shape
         p = cfg.patch_size
         h, w = hh // p, ww // p
         if timestep.ndim == 0:
             timestep = timestep.expand(b)
+        # 0. InP: mask + masked-video latents on channels (zeros = nothing given)
+        if cfg.inpaint:
+            if inpaint_latents is None:
+                inpaint_latents = latents.new_zeros(b, cfg.inpaint_channels, frames, hh, ww)
+            latents = torch.cat([latents, inpaint_latents.to(latents.dtype)], dim=1)  # (B, 3C, F, H, W)
+            c = latents.shape[1]
         # 1. patch embed every frame, add the (frame-independent) 2-D positions
         x = latents.permute(0, 2, 1, 3, 4).reshape(b * frames, c, hh, ww)  # (B*F, C, H, W)
         x = self.pos_embed(x)                                          # (B*F, L, D)
@@ -402,6 +423,17 @@ class VideoDiT(nn.Module):
         t6, t_emb = self.adaln_single(timestep)                        # (B, 6D), (B, D)
         t6, t_emb = t6.to(x.dtype), t_emb.to(x.dtype)
         text = self.caption_projection(text.to(x.dtype))               # (B, S, D)
+        if self.clip_projection is not None:
+            # CLIP tokens follow the text tokens; a zero clip_mask hides them.
+            if clip_embeds is None:
+                clip_embeds = text.new_zeros(b, cfg.clip_channels)
+            if clip_mask is None:
+                clip_mask = text.new_zeros(b, cfg.clip_tokens)
+            clip = self.clip_projection(clip_embeds.to(x.dtype)).reshape(b, cfg.clip_tokens, -1)  # (B, T, D)
+            text = torch.cat([text, clip], dim=1)                      # (B, S+T, D)
+            if text_mask is None:
+                text_mask = text.new_ones(b, text.shape[1] - cfg.clip_tokens)
+            text_mask = torch.cat([text_mask.to(clip_mask.dtype), clip_mask], dim=1)  # (B, S+T)
         text_bias = None
         if text_mask is not None:
             text_bias = ((1 - text_mask.to(x.dtype)) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, S)

@@ -1,7 +1,11 @@
-"""Reference text-to-video pipeline: the definition the runtime is validated against.
+"""Reference text-to-video (and image-to-video) pipeline: the definition the runtime is
+validated against.
 
 1. encode the prompt and the negative prompt (T5);
-2. draw initial latents from the seed;
+2. draw initial latents from the seed; for an InP model, build the inpaint conditioning
+   as upstream V3 does (mask and masked-video latents: every frame generated for
+   text-to-video, frame 0 kept from the start image for image-to-video; the image's
+   CLIP embedding for image-to-video);
 3. denoise with classifier-free guidance (batched by default, or sequential);
 4. decode slice by slice with the Slice VAE; return uint8 frames and fps.
 
@@ -12,7 +16,7 @@ S text tokens, E text width.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,8 +24,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..media import save_video, to_uint8
-from .config import ModelConfig, check_frames
+from ..media import from_uint8, save_video, to_uint8
+from .config import ModelConfig
 from .samplers import SAMPLERS, make_sampler
 from .weights import EasyAnimateModel, load_model_or_preset
 
@@ -44,6 +48,10 @@ class GenerationRequest:
     sampler: str = "dpm++"
     seed: int = 0
     guidance_mode: str = "batched"
+    # image-to-video: the start frame, uint8 (height, width, 3); InP models only.
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # share of the last steps that see the CLIP image embedding (upstream default 0.5)
+    clip_apply_ratio: float = 0.5
 
     def validate(self, config: ModelConfig) -> None:
         if not isinstance(self.prompt, str):
@@ -55,7 +63,7 @@ class GenerationRequest:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % mult:
                 raise InputError(f"{name} must be a positive multiple of {mult}, got {v!r}")
-        check_frames(self.frames, config.vae.slice_frames)
+        config.vae.check_frames(self.frames)
         if not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not self.guidance_scale >= 0:
@@ -64,6 +72,16 @@ class GenerationRequest:
             raise InputError(f"unknown sampler {self.sampler!r}; known samplers: {sorted(SAMPLERS)}")
         if self.guidance_mode not in GUIDANCE_MODES:
             raise InputError(f"guidance_mode must be one of {list(GUIDANCE_MODES)}, got {self.guidance_mode!r}")
+        if not 0.0 <= self.clip_apply_ratio <= 1.0:
+            raise InputError(f"clip_apply_ratio must be in [0, 1], got {self.clip_apply_ratio!r}")
+        if self.image is not None:
+            if not config.dit.inpaint:
+                raise InputError(f"image-to-video needs an InP model (a DiT with mask and masked-video "
+                                 f"inputs, e.g. the v3 presets); {config.name!r} is text-to-video only")
+            image = np.asarray(self.image)
+            if image.dtype != np.uint8 or image.shape != (self.height, self.width, 3):
+                raise InputError(f"image must be uint8 of shape ({self.height}, {self.width}, 3) (the video's "
+                                 f"height x width, RGB), got {image.dtype} {image.shape}")
 
     def latent_shape(self, config: ModelConfig) -> tuple[int, int, int, int, int]:
         s = config.vae.spatial_compression
@@ -87,16 +105,31 @@ StepCallback = Callable[[int, int], None]
 class ReferencePipeline:
     """Text -> video with the PyTorch reference networks."""
 
-    def __init__(self, model: EasyAnimateModel, device: torch.device | str = "cpu"):
+    def __init__(self, model: EasyAnimateModel, device: torch.device | str = "cpu", clip_encoder=None):
         self.model = model.to(device).eval()
         self.config = model.config
         self.device = torch.device(device)
+        self.clip_encoder = clip_encoder  # image (H, W, 3) uint8 -> (1, K); InP image-to-video
+        if clip_encoder is not None:
+            k = self.config.dit.clip_channels
+            if not k:
+                raise InputError(f"a CLIP image encoder was given, but {self.config.name!r} takes no CLIP input")
+            if getattr(clip_encoder, "embed_dim", k) != k:
+                raise InputError(f"the CLIP image encoder gives {clip_encoder.embed_dim}-d embeddings; the DiT "
+                                 f"takes {k}-d")
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: torch.device | str = "cpu",
-                        preset: str | None = None) -> "ReferencePipeline":
-        """``source``: a model directory, or a preset name for random weights."""
-        return cls(load_model_or_preset(source, preset=preset), device)
+                        preset: str | None = None, clip_model: str | Path | None = None
+                        ) -> "ReferencePipeline":
+        """``source``: a model directory, or a preset name for random weights;
+        ``clip_model``: a local CLIP vision model directory (image-to-video)."""
+        clip = None
+        if clip_model is not None:
+            from .clip import ClipImageEncoder
+
+            clip = ClipImageEncoder.from_pretrained(clip_model, device)
+        return cls(load_model_or_preset(source, preset=preset), device, clip)
 
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
         """A request filled with this model's sampling defaults."""
@@ -112,6 +145,57 @@ class ReferencePipeline:
         emb, mask = self.model.text_encoder.encode([negative_prompt, prompt], device=self.device)
         return emb.to(self.model.dit.proj_out.weight.dtype), mask  # (2, S, E), (2, S)
 
+    # 2. InP conditioning
+    @torch.no_grad()
+    def inpaint_latents(self, req: GenerationRequest) -> torch.Tensor | None:
+        """(1, 2C, F', h, w) mask latents + masked-video latents, or None for a text-to-video
+        model. As upstream V3 builds them (``get_image_to_video_latent`` and the inpaint
+        pipeline's ``prepare_mask_latents``): a mask that is 1 where frames are generated
+        and 0 where they are kept, tiled to 3 channels; a masked video that is the input
+        where kept and -1 elsewhere; both through the VAE encoder (posterior mean, scaled;
+        upstream draws a sample). Text-to-video generates every frame (an all-ones mask and
+        an all -1 video: upstream's predict scripts, whose pipeline cannot run without a
+        video); image-to-video repeats the start image and keeps frame 0."""
+        if not self.config.dit.inpaint:
+            return None
+        vae = self.model.vae
+        dtype = next(vae.parameters()).dtype
+        shape = (1, 3, req.frames, req.height, req.width)
+        generate = torch.ones(1, 1, req.frames, 1, 1, device=self.device, dtype=dtype)   # 1 = to generate
+        if req.image is None:
+            video = torch.full(shape, -1.0, device=self.device, dtype=dtype)
+        else:
+            image = from_uint8(np.asarray(req.image)[None])[None].to(self.device, dtype)  # (1, 3, 1, H, W)
+            video = image.expand(shape)                                     # (1, 3, F, H, W)
+            generate[:, :, 0] = 0.0
+        mask = generate.expand(shape)                                       # (1, 3, F, H, W)
+        masked_video = torch.where(mask < 0.5, video, torch.full_like(video, -1.0))
+        out = torch.cat([vae.encode(mask), vae.encode(masked_video)], dim=1)  # (1, 2C, F', h, w)
+        return out.to(self.model.dit.proj_out.weight.dtype)
+
+    @torch.no_grad()
+    def clip_condition(self, req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(embeds (2, K), mask (2, T)) for the [negative, positive] branches, or None for a
+        model without CLIP input. The negative branch and text-to-video get zeros with a
+        zero mask (the CLIP tokens are hidden); image-to-video with a CLIP encoder gives
+        the positive branch the image's embedding. Without a CLIP encoder image-to-video
+        runs on the mask and masked-video latents alone, as upstream does when no CLIP
+        image is passed."""
+        dit = self.config.dit
+        if not dit.clip_channels:
+            return None
+        dtype = self.model.dit.proj_out.weight.dtype
+        embeds = torch.zeros(2, dit.clip_channels, device=self.device, dtype=dtype)
+        mask = torch.zeros(2, dit.clip_tokens, device=self.device, dtype=dtype)
+        if req.image is not None:
+            if self.clip_encoder is None:
+                log.warning("image-to-video without a CLIP vision model: the DiT gets no CLIP image "
+                            "embedding (as upstream without a clip_image); pass clip_model= to add it")
+            else:
+                embeds[1] = self.clip_encoder(np.asarray(req.image))[0].to(self.device, dtype)
+                mask[1] = 1.0
+        return embeds, mask
+
     # 3. denoising loop
     @torch.no_grad()
     def denoise(self, req: GenerationRequest, emb: torch.Tensor, mask: torch.Tensor,
@@ -123,21 +207,39 @@ class ReferencePipeline:
         sampler = make_sampler(req.sampler, req.steps, device=self.device)
         shape = req.latent_shape(self.config)
         x = (torch.randn(shape, generator=gen) * sampler.init_noise_sigma).to(self.device)
+        inpaint = self.inpaint_latents(req)
+        clip = self.clip_condition(req)
         guided = req.guidance_scale != 1.0
         if not guided:
             emb, mask = emb[1:], mask[1:]
+
+        def cond(branch: slice, i: int) -> dict[str, torch.Tensor]:
+            """The InP inputs of the branches ``branch`` of [negative, positive] at step i."""
+            extra: dict[str, torch.Tensor] = {}
+            n = len(range(2)[branch])
+            if inpaint is not None:
+                extra["inpaint_latents"] = inpaint.expand(n, *inpaint.shape[1:])
+            if clip is not None:
+                embeds, clip_mask = clip[0][branch], clip[1][branch]
+                # Upstream shows the CLIP embedding only in the last clip_apply_ratio of the steps.
+                if i < req.steps * (1 - req.clip_apply_ratio):
+                    embeds, clip_mask = torch.zeros_like(embeds), torch.zeros_like(clip_mask)
+                extra["clip_embeds"], extra["clip_mask"] = embeds, clip_mask
+            return extra
+
         for i in range(req.steps):
             t = sampler.timesteps[i]
             xin = sampler.scale_model_input(x, i).to(dtype)
             # out: epsilon or v, as the DiT predicts (config.prediction_type).
             if guided and req.guidance_mode == "batched":
-                out = dit(xin.expand(2, *xin.shape[1:]), t.expand(2), emb, mask)[:, :c]  # (2, C, F, H, W)
+                out = dit(xin.expand(2, *xin.shape[1:]), t.expand(2), emb, mask,
+                          **cond(slice(0, 2), i))[:, :c]                    # (2, C, F, H, W)
                 out_u, out_c = out.float().chunk(2)
             elif guided:
-                out_u = dit(xin, t.expand(1), emb[:1], mask[:1])[:, :c].float()
-                out_c = dit(xin, t.expand(1), emb[1:], mask[1:])[:, :c].float()
+                out_u = dit(xin, t.expand(1), emb[:1], mask[:1], **cond(slice(0, 1), i))[:, :c].float()
+                out_c = dit(xin, t.expand(1), emb[1:], mask[1:], **cond(slice(1, 2), i))[:, :c].float()
             else:
-                out_u = out_c = dit(xin, t.expand(1), emb, mask)[:, :c].float()
+                out_u = out_c = dit(xin, t.expand(1), emb, mask, **cond(slice(1, 2), i))[:, :c].float()
             # Guidance is affine, so guiding v and converting equals converting each branch.
             eps = sampler.epsilon(i, xin, out_u + req.guidance_scale * (out_c - out_u),
                                   dit.config.prediction_type)

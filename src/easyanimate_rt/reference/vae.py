@@ -19,7 +19,8 @@ Slicing (``slice_frames`` = 8 pixel frames = 2 latent frames per slice):
 Upstream facts this follows (EasyAnimate ``vae/ldm``): down-sampling convs pad the
 right and bottom by one pixel (not both sides); the space-time up-sampler doubles frames
 by linear interpolation (``align_corners=False``) after its conv; the mid block is
-res-block, attention, res-block whatever ``layers_per_block`` is.
+``mid_block_layers`` res-blocks with an attention between each pair (upstream:
+``layers_per_block`` of them).
 
 Shapes in comments: B batch; C channels of the current layer; T, H, W frames, height
 and width of the tensor at hand (pixel sizes at the top of the network, latent sizes
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError, ShapeError
-from .config import SliceSpec, VAEConfig, check_frames
+from .config import SliceSpec, VAEConfig
 
 __all__ = ["SliceVAE", "SliceSpec"]
 
@@ -115,19 +116,24 @@ class Attention(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """Res-block, attention (unless ``mid_block_attention`` is off), res-block."""
+    """``mid_block_layers`` res-blocks with one attention between each pair (unless
+    ``mid_block_attention`` is off): res, attn, res for the release value 2. Upstream
+    builds ``layers_per_block`` res-blocks this way; our own small models keep 2."""
 
     def __init__(self, channels: int, config: VAEConfig):
         super().__init__()
-        self.convs = nn.ModuleList([ResBlock(channels, channels, config) for _ in range(2)])
+        n = config.mid_block_layers
+        self.convs = nn.ModuleList([ResBlock(channels, channels, config) for _ in range(n)])
         self.attentions = nn.ModuleList(
-            [Attention(channels, config)] if config.mid_block_attention else [])
+            [Attention(channels, config) for _ in range(n - 1)] if config.mid_block_attention else [])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.convs[0](x)
-        for attention in self.attentions:
-            x = attention(x)
-        return self.convs[1](x)
+        for i, conv in enumerate(self.convs[1:]):
+            if self.attentions:
+                x = self.attentions[i](x)
+            x = conv(x)
+        return x
 
 
 class Downsampler(nn.Module):
@@ -154,18 +160,24 @@ def double_frames(x: Tensor) -> Tensor:
 
 
 class Upsampler(nn.Module):
-    """Nearest x2 in space, conv, then ("spacetime") x2 in time; a single frame stays one."""
+    """Nearest x2 in space, conv, then ("spacetime") x2 in time; a single frame stays one.
+    In causal mode (V2) the first frame is kept as it is and only the others are
+    doubled (T -> 1 + 2(T-1)), as upstream's causal up-sampler does."""
 
     def __init__(self, channels: int, kind: str, config: VAEConfig):
         super().__init__()
         self.temporal = kind == "spacetime"
+        self.keep_first = config.padding_mode == "causal"
         self.conv = PaddedConv3d(channels, channels, config.padding_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")  # (B, C, T, 2H, 2W)
         x = self.conv(x)
         if self.temporal and x.shape[2] > 1:
-            x = double_frames(x)                                            # (B, C, 2T, 2H, 2W)
+            if self.keep_first:
+                x = torch.cat([x[:, :, :1], double_frames(x[:, :, 1:])], dim=2)  # (B, C, 2T-1, 2H, 2W)
+            else:
+                x = double_frames(x)                                        # (B, C, 2T, 2H, 2W)
         return x
 
 
@@ -309,7 +321,7 @@ class SliceVAE(nn.Module):
         if video.ndim != 5 or video.shape[1] != c.in_channels:
             raise ShapeError(f"video must have shape (batch, {c.in_channels}, frames, height, "
                              f"width), got {tuple(video.shape)}")
-        check_frames(video.shape[2], c.slice_frames)
+        c.frame_slices(video.shape[2])  # raises where this VAE cannot take the length
         s = c.spatial_compression
         for name, size in (("height", video.shape[3]), ("width", video.shape[4])):
             if size % s:

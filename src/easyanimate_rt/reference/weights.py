@@ -17,7 +17,6 @@ ones (upstream VAE files carry training-loss tensors) are logged and ignored.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import tempfile
@@ -30,10 +29,10 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import atomic_save_safetensors, atomic_write_text, staged_dir
-from .config import PRESETS, DiTConfig, ModelConfig, from_preset
-from .dit import VideoDiT
-from .samplers import NoiseSchedule
+from .config import PRESETS, DiTConfig, ModelConfig, VAEConfig, from_preset
+from .dit import VideoDiT, sincos_1d_interleaved
 from .text import TextEncoder, load_tokenizer, train_tokenizer
+from .upstream import dit_fields, upstream_config
 from .vae import SliceVAE
 
 log = logging.getLogger(__name__)
@@ -111,22 +110,36 @@ def load_model_or_preset(source: str | Path, seed: int = 0, preset: str | None =
 
 # --- state dicts -------------------------------------------------------------------------
 
+#: Key prefixes of training-only tensors upstream VAE files carry (the loss module:
+#: LPIPS, discriminators, the learned log-variance); ignored on load.
+TRAINING_ONLY_PREFIXES = ("loss.",)
+
+
 def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
                             allow_missing: tuple[str, ...] = ()) -> list[str]:
-    """Load ``state`` into ``module``: missing keys raise (listing them), unexpected keys
-    are logged and ignored, shape mismatches raise. Returns the unexpected keys."""
+    """Load ``state`` into ``module``: missing keys raise (listing them), shape
+    mismatches raise, unexpected keys raise unless they are training-only tensors
+    (``TRAINING_ONLY_PREFIXES``, logged and ignored): a key the model does not have means
+    the architecture is not the checkpoint's. Returns the ignored keys."""
+
+    def listing(keys: list[str]) -> str:
+        return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state and not k.startswith(allow_missing))
     if missing:
-        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-        raise CheckpointError(f"{what}: checkpoint is missing {len(missing)} weights: {shown}")
+        raise CheckpointError(f"{what}: checkpoint is missing {len(missing)} weights: {listing(missing)}")
     bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
            if k in state and state[k].shape != v.shape]
     if bad:
         raise CheckpointError(f"{what}: shape mismatch (checkpoint vs model): " + "; ".join(bad[:10]))
     unexpected = sorted(k for k in state if k not in own)
+    stray = [k for k in unexpected if not k.startswith(TRAINING_ONLY_PREFIXES)]
+    if stray:
+        raise CheckpointError(f"{what}: checkpoint has {len(stray)} weights the model does not "
+                              f"(a different architecture?): {listing(stray)}")
     if unexpected:
-        log.info("%s: ignoring %d unexpected checkpoint keys (e.g. %s)", what, len(unexpected), unexpected[:3])
+        log.info("%s: ignoring %d training-only checkpoint keys (e.g. %s)", what, len(unexpected), unexpected[:3])
     with torch.no_grad():
         for k, v in own.items():
             if k in state:
@@ -164,82 +177,52 @@ def save_model(model: EasyAnimateModel, out_dir: str | Path, weights_dtype: torc
     return out_dir
 
 
+def load_dit(directory: str | Path, config: DiTConfig) -> VideoDiT:
+    """``directory/transformer``'s weights into a :class:`VideoDiT` of ``config``. The
+    motion modules' frame-position tables (``pos_encoder.pe``) are fixed functions of
+    the config; a file without them (upstream loads with strict=False) gets them computed."""
+    with torch.device("meta"):
+        dit = VideoDiT(config)
+    dit = dit.to_empty(device="cpu")
+    state = _read_safetensors(Path(directory) / "transformer" / WEIGHTS_NAME)
+    tables = [k for k in dit.state_dict() if k.endswith("pos_encoder.pe")]
+    load_state_dict_checked(dit, state, "transformer", allow_missing=tuple(k for k in tables if k not in state))
+    with torch.no_grad():
+        for name, module in dit.named_modules():
+            if name + ".pe" in tables and name + ".pe" not in state:
+                module.pe.copy_(sincos_1d_interleaved(module.pe.shape[-1], module.pe.shape[1]))  # (1, L, D)
+    return dit
+
+
+def load_vae(directory: str | Path, config: VAEConfig) -> SliceVAE:
+    """``directory/vae``'s weights into a :class:`SliceVAE` of ``config``."""
+    vae = SliceVAE(config)
+    load_state_dict_checked(vae, _read_safetensors(Path(directory) / "vae" / WEIGHTS_NAME), "vae")
+    return vae
+
+
 def load_model(path: str | Path, preset: str | None = None, device: torch.device | str = "cpu"
                ) -> EasyAnimateModel:
-    """Load our model directory, or an upstream one (then ``preset`` names the architecture;
-    default: inferred from the transformer's config)."""
+    """Load our model directory, or an upstream one (``preset`` names the release; default:
+    inferred from the files, see ``reference.upstream``)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
     if (path / CONFIG_NAME).exists():
-        config = ModelConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        try:
+            config = ModelConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / CONFIG_NAME} is not a valid model config: {exc}") from None
     else:
         config = upstream_config(path, preset)
     text = TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer",
                                        config.text_encoder)
-    vae = SliceVAE(config.vae)
-    load_state_dict_checked(vae, _read_safetensors(path / "vae" / WEIGHTS_NAME), "vae")
-    with torch.device("meta"):
-        dit = VideoDiT(config.dit)
-    dit = dit.to_empty(device="cpu")
-    # Non-persistent state (none today) would be lost by to_empty; pos_encoder.pe is persistent
-    # and loaded below like any weight.
-    load_state_dict_checked(dit, _read_safetensors(path / "transformer" / WEIGHTS_NAME), "transformer")
+    vae = load_vae(path, config.vae)
+    dit = load_dit(path, config.dit)
     return EasyAnimateModel(config, text, vae, dit).to(device).eval()
 
 
-# --- upstream directories ------------------------------------------------------------------
-
-# diffusers-style keys of an upstream transformer/config.json that map onto DiTConfig.
-_UPSTREAM_DIT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
-                      "patch_size", "sample_size", "caption_channels")
-
-
-def _upstream_scheduler(path: Path) -> dict[str, Any]:
-    """DiTConfig overrides from ``scheduler/config.json`` (its prediction type); a schedule
-    other than the one the samplers implement is refused rather than silently misused."""
-    file = path / "scheduler" / "config.json"
-    if not file.exists():
-        return {}
-    raw = json.loads(file.read_text())
-    schedule = NoiseSchedule()  # the training schedule every sampler here assumes
-    expected = {"num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
-                "beta_end": schedule.beta_end, "beta_schedule": "linear"}
-    for key, want in expected.items():
-        got = raw.get(key, want)
-        if got != want and not (isinstance(want, float) and isinstance(got, (int, float))
-                                and abs(got - want) <= 1e-12):
-            raise CheckpointError(f"{file}: {key}={got!r} is not supported (the samplers implement "
-                                  f"{key}={want!r})")
-    return {"prediction_type": raw["prediction_type"]} if "prediction_type" in raw else {}
-
-
-def upstream_config(path: str | Path, preset: str | None = None) -> ModelConfig:
-    """Architecture of an upstream model directory: a preset, overridden by the sizes
-    that ``transformer/config.json`` states."""
-    path = Path(path)
-    cfg_file = path / "transformer" / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path} is neither an easyanimate-rt model directory ({CONFIG_NAME}) "
-                              f"nor an upstream one (transformer/config.json)")
-    raw: dict[str, Any] = json.loads(cfg_file.read_text())
-    if preset is None:
-        preset = "v2-768" if raw.get("sample_size", 64) >= 96 else "v2-512"
-        log.info("no preset given for upstream directory %s; using %s", path, preset)
-    base = from_preset(preset)
-    overrides = {k: raw[k] for k in _UPSTREAM_DIT_KEYS if k in raw}
-    if "out_channels" in raw:
-        overrides["learn_sigma"] = raw["out_channels"] == 2 * overrides.get("in_channels", base.dit.in_channels)
-    overrides.update(_upstream_scheduler(path))
-    dit = dataclasses.replace(base.dit, **overrides)
-    text = base.text_encoder
-    t5_file = path / "text_encoder" / "config.json"
-    if t5_file.exists():
-        t5 = json.loads(t5_file.read_text())
-        text = dataclasses.replace(text, **{k: t5[k] for k in ("vocab_size", "d_model", "d_kv", "d_ff",
-                                                               "num_layers", "num_heads") if k in t5})
-    return dataclasses.replace(base, name=f"{preset}@{path.name}", dit=dit, text_encoder=text)
-
+# --- PixArt backbones ------------------------------------------------------------------------
 
 def load_pixart_backbone(dit: VideoDiT, source: str | Path | Mapping[str, torch.Tensor]) -> None:
     """Initialise the DiT backbone from a PixArt-alpha transformer (diffusers layout).
@@ -262,14 +245,14 @@ def load_pixart_backbone(dit: VideoDiT, source: str | Path | Mapping[str, torch.
 
 def dit_config_from_pixart(raw: Mapping[str, Any], **video: Any) -> DiTConfig:
     """A DiTConfig whose backbone matches a diffusers PixArt ``config.json``."""
-    keys = {k: raw[k] for k in _UPSTREAM_DIT_KEYS if k in raw}
-    out = raw.get("out_channels")
-    if out is not None:
-        keys["learn_sigma"] = out == 2 * keys.get("in_channels", 4)
+    keys = dit_fields(Path("config.json"), {k: v for k, v in raw.items()
+                                            if k in ("num_layers", "num_attention_heads", "attention_head_dim",
+                                                     "in_channels", "out_channels", "patch_size", "sample_size",
+                                                     "caption_channels")})
     return DiTConfig(**keys, **video)
 
 
 __all__ = [
-    "EasyAnimateModel", "random_model", "save_model", "load_model", "upstream_config",
+    "EasyAnimateModel", "random_model", "save_model", "load_model", "load_dit", "load_vae", "upstream_config",
     "load_pixart_backbone", "load_state_dict_checked", "dit_config_from_pixart",
 ]
