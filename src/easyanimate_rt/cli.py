@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data.cli import add_data_parser
-from .engines.cli import rtx_check
+from .engines.cli import add_build_parser, rtx_check
 from .errors import EasyAnimateError
 from .export.cli import add_export_parser
 from .train.cli import add_train_parser
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_export_parser(sub, graph_check=rtx_check)
     add_verify_parser(sub)
+    add_build_parser(sub)
     return parser
 
 

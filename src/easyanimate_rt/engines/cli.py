@@ -1,11 +1,14 @@
-"""Engine-layer pieces of the command line. Today: the TensorRT-RTX ahead-of-time build
-check behind ``easyanimate-rt export --rtx`` and ``verify --rtx``; the ``build`` and
-``engines`` commands will live here."""
+"""Engine-layer commands: ``easyanimate-rt build`` (export-and-build for a set of video
+sizes), ``easyanimate-rt engines ls|verify|clean``, and the TensorRT-RTX ahead-of-time
+build check behind ``export --rtx`` and ``verify --rtx``."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterable
+
+from ..errors import EngineError, InputError
 
 from ..export.spec import MODEL_NAME, ExportSpec
 from . import tensorrt_rtx
@@ -28,3 +31,138 @@ def rtx_check(root: Path, keys: Iterable[str], compute_capability: str) -> bool:
             ok = False
             print(f"  tensorrt-rtx {compute_capability}: {key:22s} FAILED: {exc}")
     return ok
+
+
+# --- build -------------------------------------------------------------------------------------
+
+
+def add_build_parser(subparsers) -> None:
+    """``easyanimate-rt build`` and ``easyanimate-rt engines ls|verify|clean``."""
+    import argparse as _argparse
+
+    from ..export.precision import PRECISIONS
+    from .manifest import BACKENDS
+
+    p = subparsers.add_parser(
+        "build", help="build engines (TensorRT, TensorRT-RTX, ONNX Runtime) for a set of video sizes",
+        description="Build the engines the given buckets need from an export directory, or from a model "
+                    "directory or preset (exported first: exactly the graphs the buckets need).",
+        formatter_class=_argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="export directory, model directory or preset name")
+    p.add_argument("--out", required=True, type=Path, help="engine directory to write")
+    p.add_argument("--backend", required=True, choices=BACKENDS)
+    p.add_argument("--buckets", required=True, help="HxWxF,... the videos you will generate (e.g. 384x672x144)")
+    p.add_argument("--guidance", choices=["batched", "sequential"], default="batched",
+                   help="batched: DiT batch 2 (default); sequential: two batch-1 calls")
+    p.add_argument("--ranged", action="store_true", help="one min/opt/max profile over all buckets")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="when exporting from a model")
+    p.add_argument("--compute-capability", metavar="SM", help="rtx: ahead-of-time target (default SM89)")
+    p.add_argument("--cache-dir", type=Path, help="engine cache (default: ~/.cache/easyanimate-rt/engines)")
+    p.add_argument("--threads", type=int, help="ort-cpu: intra-op threads (default: all cores)")
+    p.add_argument("--opt-level", type=int, choices=range(6), help="trt/rtx: builder optimisation level")
+    p.add_argument("--workspace", type=int, metavar="MIB", help="trt/rtx: workspace limit in MiB")
+    p.add_argument("--weight-streaming", action="store_true", help="trt: build with weight streaming")
+    p.add_argument("--refit", action="store_true", help="trt/rtx: build refittable engines")
+    p.add_argument("--seed", type=int, default=0, help="random-weight seed for a preset (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_build)
+
+    e = subparsers.add_parser("engines", help="list, verify or clean engine directories and the cache")
+    esub = e.add_subparsers(dest="engines_command", required=True)
+    for name, func, what in (("ls", cmd_engines_ls, "list the networks and profiles"),
+                             ("verify", cmd_engines_verify, "check every artefact against its manifest"),
+                             ("clean", cmd_engines_clean, "remove the cache's entries")):
+        q = esub.add_parser(name, help=what)
+        if name != "clean":
+            q.add_argument("engine_dir", nargs="?", type=Path, help="engine directory (default: the cache)")
+        q.add_argument("--cache-dir", type=Path, help="engine cache (default: ~/.cache/easyanimate-rt/engines)")
+        q.set_defaults(func=func)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_build(args) -> int:
+    from .buckets import parse_buckets
+    from .build import build_engines
+    from .cache import EngineCache
+
+    buckets = parse_buckets(args.buckets)
+    flags = {}
+    if args.backend in ("trt", "rtx"):
+        flags = {k: v for k, v in (("optimization_level", args.opt_level),
+                                   ("workspace_bytes", args.workspace and args.workspace << 20),
+                                   ("weight_streaming", args.weight_streaming or None),
+                                   ("refit", args.refit or None)) if v is not None}
+    elif args.opt_level is not None or args.workspace or args.weight_streaming or args.refit:
+        raise InputError(f"--opt-level, --workspace, --weight-streaming and --refit are TensorRT build flags, "
+                         f"not for --backend {args.backend}")
+    t0 = time.perf_counter()
+    results = build_engines(args.source, args.out, args.backend, buckets, guidance=args.guidance, ranged=args.ranged,
+                            precision=args.precision, compute_capability=args.compute_capability,
+                            cache=EngineCache(args.cache_dir), threads=args.threads, seed=args.seed, flags=flags,
+                            progress=None if args.quiet else (lambda line: print(line, flush=True)))
+    print(f"{'network':22s} {'profiles':>8s} {'artefact':>10s} {'build':>8s}  parity")
+    for r in results:
+        m = r.manifest
+        parity = (f"max_abs {m.parity['max_abs']:.2g} cos {m.parity['cosine']:.6f} ({m.parity['tolerance']})"
+                  if m.parity.get("ok") else m.parity.get("skipped", "-"))
+        when = f"{m.build_seconds:7.1f}s" if r.built else "  cached"
+        print(f"{r.key:22s} {len(m.profiles):8d} {_mb(m.artifact['bytes']):>10s} {when}  {parity}")
+    print(f"wrote {args.out} ({len(results)} networks, {args.backend}, buckets {','.join(b.name for b in buckets)}) "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _dirs(args):
+    from .cache import EngineCache
+    from .manifest import INDEX_NAME, read_index
+
+    if getattr(args, "engine_dir", None) is not None:
+        root = args.engine_dir
+        index = read_index(root) if (root / INDEX_NAME).exists() else None
+        keys = sorted(index["networks"]) if index else []
+        if index is None:
+            raise InputError(f"{root} is not an engine directory (no {INDEX_NAME})")
+        return [(k, root / k) for k in keys]
+    return [(path.name, path) for path, _ in EngineCache(args.cache_dir).entries()]
+
+
+def cmd_engines_ls(args) -> int:
+    from .manifest import Manifest
+
+    rows = _dirs(args)
+    for name, path in rows:
+        try:
+            m = Manifest.load(path)
+        except EngineError as exc:
+            print(f"{name:22s} unreadable: {exc}")
+            continue
+        print(f"{name:22s} {m.key:20s} {m.backend:8s} {m.precision:5s} {len(m.profiles)} profiles "
+              f"{_mb(m.artifact['bytes']):>9s} buckets {','.join(sorted(m.buckets))}")
+    if not rows:
+        print("no engines")
+    return 0
+
+
+def cmd_engines_verify(args) -> int:
+    from .manifest import Manifest
+
+    bad = 0
+    for name, path in _dirs(args):
+        try:
+            Manifest.load(path).check_artifact(path)
+            print(f"{name:22s} ok")
+        except EngineError as exc:
+            bad += 1
+            print(f"{name:22s} BAD: {exc}")
+    return 1 if bad else 0
+
+
+def cmd_engines_clean(args) -> int:
+    from .cache import EngineCache
+
+    cache = EngineCache(args.cache_dir)
+    print(f"removed {cache.clean()} cache entries from {cache.root}")
+    return 0

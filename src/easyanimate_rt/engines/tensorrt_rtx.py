@@ -7,18 +7,21 @@ machines and CI can check every exported graph. It cannot run the engine here. I
 networks are strongly typed: the precision of every layer is the dtype the ONNX graph
 gives it (so the fp32 islands of an fp16 export are honoured as written).
 
-This is the minimal helper the export tests use; the engine builder proper (plans on
-disk with a manifest, TensorRT on GPU) lives beside it in engines/.
+The build itself is the shared TensorRT builder (``engines.tensorrt.build_plan``); this
+module adds what is RTX's: the module, its compute-capability targets, ``build_aot``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import EngineError, MissingDependencyError
+from ..export.spec import Profile
+from ..fileio import atomic_path
+from .tensorrt import build_plan
 
 log = logging.getLogger(__name__)
 
@@ -65,64 +68,20 @@ def compute_capabilities() -> list[str]:
     return [n for n in trt.ComputeCapability.__members__ if n.startswith("SM")]
 
 
-def _logger(trt, messages: list[str]):
-    class _Collect(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.WARNING:
-                messages.append(f"{severity.name}: {msg}")
-            log.debug("tensorrt_rtx %s: %s", severity.name, msg)
-
-    return _Collect()
-
-
 def build_aot(onnx_path: str | Path, spec, compute_capability: str = DEFAULT_COMPUTE_CAPABILITY,
-              plan_path: str | Path | None = None, workspace_bytes: int | None = None) -> RtxBuild:
+              plan_path: str | Path | None = None, workspace_bytes: int | None = None,
+              profiles: Sequence[Profile] | None = None) -> RtxBuild:
     """Parse ``onnx_path`` and build an engine for ``compute_capability`` with one
-    optimisation profile per ``spec.profiles`` entry.
-
-    Raises EngineError with the parser's or builder's messages if TensorRT rejects the
-    graph. Writes the serialised plan to ``plan_path`` (atomically) when given.
-    """
+    optimisation profile per entry of ``profiles`` (default ``spec.profiles``), through the
+    shared TensorRT builder. Raises EngineError with TensorRT's messages if it rejects the
+    graph. Writes the serialized plan to ``plan_path`` (atomically) when given."""
     trt = _import()
-    onnx_path = Path(onnx_path)
     if compute_capability not in compute_capabilities():
         raise EngineError(f"compute capability must be one of {compute_capabilities()}, "
                           f"got {compute_capability!r}")
-    messages: list[str] = []
-    logger = _logger(trt, messages)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    t0 = time.perf_counter()
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT-RTX {trt.__version__} rejected {onnx_path}: " + "; ".join(errors or messages))
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(getattr(trt.ComputeCapability, compute_capability), 0)
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    shapes_by_input: dict[str, list[tuple[int, ...]]] = {}
-    for profile in spec.profiles:
-        opt = builder.create_optimization_profile()
-        for name, (lo, mid, hi) in spec.profile_shapes(profile).items():
-            opt.set_shape(name, lo, mid, hi)
-            shapes_by_input.setdefault(name, []).extend([lo, mid, hi])
-        config.add_optimization_profile(opt)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineError(f"TensorRT-RTX {trt.__version__} could not build {onnx_path} for "
-                          f"{compute_capability}: " + "; ".join(messages[-5:]))
-    seconds = time.perf_counter() - t0
+    shapes = [spec.profile_shapes(p) for p in (profiles or spec.profiles)]
+    built = build_plan(trt, onnx_path, shapes, compute_capability=compute_capability, workspace_bytes=workspace_bytes)
     if plan_path is not None:
-        from ..fileio import atomic_path
-
         with atomic_path(plan_path) as tmp:
-            tmp.write_bytes(memoryview(plan))
-    result = RtxBuild(compute_capability, plan.nbytes, seconds, network.num_layers, shapes_by_input, messages)
-    log.info("tensorrt_rtx: built %s for %s in %.1fs (%d layers, %d bytes)", onnx_path, compute_capability,
-             seconds, result.layers, result.plan_bytes)
-    return result
+            tmp.write_bytes(built.plan)
+    return RtxBuild(compute_capability, len(built.plan), built.seconds, built.layers, built.inputs, built.messages)

@@ -75,6 +75,16 @@ class PrecisionPolicy:
         if self.compute_dtype not in _COMPUTE:
             raise ConfigError(f"compute_dtype must be one of {list(_COMPUTE)}, got {self.compute_dtype!r}")
 
+    @property
+    def tolerance(self) -> str:
+        """The row of ``tolerances.TOLERANCES`` a graph of this policy is held to against
+        the float32 torch reference."""
+        if self.fp8:
+            return "fp8"
+        if self.compute_dtype == "float32":
+            return "onnx_fp32"
+        return "onnx_bf16" if self.compute_dtype == "bfloat16" else "onnx_fp16"
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 

@@ -41,12 +41,7 @@ BACKENDS = ("ort", "onnx-ref", "trt")
 
 def tolerance_name(spec: ExportSpec) -> str:
     """Which row of the tolerance table a graph is held to."""
-    p = spec.precision
-    if p.fp8:
-        return "fp8"
-    if p.compute_dtype == "float32":
-        return "onnx_fp32"
-    return "onnx_bf16" if p.compute_dtype == "bfloat16" else "onnx_fp16"
+    return spec.precision.tolerance
 
 
 # --- inputs -------------------------------------------------------------------------------------

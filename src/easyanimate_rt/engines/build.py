@@ -1,0 +1,361 @@
+"""``build``: exported graphs (or a model, exported first) -> engines for a set of buckets.
+
+1. read the export (or export exactly the graphs the buckets need from a model
+   directory or preset);
+2. turn the buckets into shapes and optimisation profiles per graph (engines.buckets),
+   refusing impossible buckets before any work;
+3. per graph, look the build up in the engine cache by its key, else build it (ONNX
+   Runtime session + optimised model, or a TensorRT / TensorRT-RTX plan);
+4. parity gate where the backend runs on this machine: the engine's outputs on the
+   spec's saved sample and at each profile's shape against the float32 torch reference,
+   within the precision's tolerance; the figures go into the manifest, and a failed
+   gate leaves nothing in the cache;
+5. copy the entries into the engine directory and write ``engines.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import EngineError, InputError
+from ..export.index import INDEX_NAME as EXPORT_INDEX
+from ..export.index import ExportIndex, load_export
+from ..export.spec import INPUTS_NAME, DimSpec, ExportSpec, Profile
+from ..fileio import staged_dir
+from ..reference.config import ModelConfig
+from ..tolerances import TOLERANCES, error_stats, within
+from . import onnxruntime as ortb
+from .buckets import Bucket, bucket_shapes, graphs_needed, profiles_for
+from .cache import EngineCache, cache_key
+from .manifest import BACKENDS, Manifest, cpu_name, digest, onnx_files, sha256_files, write_index
+
+log = logging.getLogger(__name__)
+
+PLAN_NAME = "engine.plan"
+
+
+@dataclass
+class NetworkBuild:
+    key: str
+    entry: Path          # the cache entry
+    manifest: Manifest
+    built: bool          # False: reused from the cache
+
+
+def _versions(backend: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "absent"
+
+    out = {"easyanimate_rt": v("easyanimate-rt")}
+    if backend.startswith("ort"):
+        out["onnxruntime"] = ortb.version()
+    elif backend == "rtx":
+        from . import tensorrt_rtx
+
+        out["tensorrt_rtx"] = tensorrt_rtx.version()
+    else:
+        from .tensorrt import import_tensorrt
+
+        out["tensorrt"] = import_tensorrt().__version__
+    return out
+
+
+def _target(backend: str, compute_capability: str | None) -> dict[str, Any]:
+    if backend == "rtx":
+        from . import tensorrt_rtx
+
+        if compute_capability is None and runs_here("ort-cuda"):  # a local GPU: build for it
+            from .tensorrt import local_gpu
+
+            return {**local_gpu(), "kind": "gpu"}
+        cc = compute_capability or tensorrt_rtx.DEFAULT_COMPUTE_CAPABILITY
+        return {"kind": "aot", "compute_capability": cc}
+    if compute_capability is not None:
+        raise InputError(f"--compute-capability is for ahead-of-time builds (--backend rtx), not {backend}")
+    if backend == "ort-cpu":
+        return {"kind": "cpu", "name": cpu_name()}
+    from .tensorrt import local_gpu
+
+    return local_gpu()
+
+
+def runs_here(backend: str) -> bool:
+    """Whether engines of ``backend`` can run on this machine (the parity gate needs it)."""
+    if backend == "ort-cpu":
+        return True
+    if backend == "rtx":
+        return False  # ahead of time for a named target; the runtime on a GPU checks it
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def widen(spec: ExportSpec, profiles: Sequence[Profile]) -> ExportSpec:
+    """``spec`` with ``profiles`` and dimension ranges that hold them."""
+    dims = []
+    for d in spec.dims:
+        lo = min([d.min] + [p.dims[d.name][0] for p in profiles])
+        hi = max([d.max] + [p.dims[d.name][2] for p in profiles])
+        m = d.multiple
+        dims.append(DimSpec(d.name, lo // m * m or m, -(-hi // m) * m, m, d.doc))
+    return spec.replace(dims=tuple(dims), profiles=tuple(profiles))
+
+
+# --- parity gate ----------------------------------------------------------------------------
+
+
+def parity_feeds(spec: ExportSpec, graph_dir: Path) -> list[dict[str, np.ndarray]]:
+    """The spec's saved sample inputs, and fresh inputs at each profile's opt shape."""
+    feeds = []
+    saved = graph_dir / INPUTS_NAME
+    if saved.is_file():
+        with np.load(saved) as data:
+            feeds.append({t.name: data[t.name] for t in spec.inputs})
+    for i, p in enumerate(spec.profiles):
+        feeds.append(spec.random_inputs(spec.opt_dims(p), seed=100 + i))
+    return feeds
+
+
+def parity_gate(run: Callable[[dict[str, np.ndarray]], np.ndarray], spec: ExportSpec, model,
+                feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Run the engine and the torch reference on ``feeds``; the worst figures, or an
+    EngineError saying by how much the engine misses the tolerance."""
+    from ..export.graphs import run_torch
+
+    name = spec.precision.tolerance
+    worst: dict[str, Any] = {"max_abs": 0.0, "cosine": 1.0, "finite": True}
+    for feed in feeds:
+        expected = run_torch(model, spec, feed)[spec.output_names[0]]
+        stats = error_stats(run(feed), expected)
+        worst = {"max_abs": max(worst["max_abs"], stats["max_abs"]), "cosine": min(worst["cosine"], stats["cosine"]),
+                 "finite": worst["finite"] and stats["finite"]}
+        if not within(stats, name):
+            max_abs, min_cos = TOLERANCES[name]
+            raise EngineError(f"{spec.key}: parity gate failed: max_abs {stats['max_abs']:.3g} (allowed {max_abs}), "
+                              f"cosine {stats['cosine']:.6f} (allowed >= {min_cos}) against the torch reference; "
+                              f"the engine was not cached")
+    return {"tolerance": name, "inputs": len(feeds), **worst, "ok": True}
+
+
+# --- one network ---------------------------------------------------------------------------
+
+
+def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir: Path, backend: str,
+                 bucket_index: dict[str, int], fields: dict[str, Any], key: str, model_fn, threads: int | None,
+                 compute_capability: str | None, timing_cache: Path | None) -> None:
+    t0 = time.perf_counter()
+    profile_shapes = [spec.profile_shapes(p) for p in spec.profiles]
+    device_memory: list[int] = []
+    if backend.startswith("ort"):
+        out = ortb.build(onnx_path, staging, backend, threads, profile_shapes)
+        artifact, flags = out["artifact"], out["flags"]
+    else:
+        if backend == "rtx":
+            from . import tensorrt_rtx
+
+            trt = tensorrt_rtx._import()
+        else:
+            from .tensorrt import import_tensorrt
+
+            trt = import_tensorrt()
+        from .tensorrt import build_plan
+
+        built = build_plan(trt, onnx_path, profile_shapes, compute_capability=fields["target"].get("compute_capability")
+                           if backend == "rtx" else None, timing_cache=timing_cache, **fields["flags"])
+        (staging / PLAN_NAME).write_bytes(built.plan)
+        artifact, flags = PLAN_NAME, dict(fields["flags"])
+    seconds = time.perf_counter() - t0
+    parity: dict[str, Any] = {"skipped": f"{backend} engines do not run on this machine"}
+    if runs_here(backend):
+        if backend.startswith("ort"):
+            session = ortb.load(staging, artifact, backend, threads, profile_shapes)
+
+            def run(feed):
+                return session.run(None, {k: np.ascontiguousarray(v) for k, v in feed.items()})[0]
+        else:  # datacenter TensorRT on this GPU
+            from polygraphy.backend.common import BytesFromPath
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+            runner = TrtRunner(EngineFromBytes(BytesFromPath(str(staging / PLAN_NAME))))
+            runner.activate()
+
+            def run(feed):
+                return runner.infer(feed)[spec.output_names[0]]
+        parity = parity_gate(run, spec, model_fn(), parity_feeds(spec, graph_dir))
+    path = staging / artifact
+    manifest = Manifest(
+        key=spec.key, backend=backend, precision=spec.precision.name, onnx_sha256=fields["onnx_sha256"],
+        spec_sha256=fields["spec_sha256"], buckets=bucket_index,
+        profiles=[{"name": p.name, "dims": {k: list(v) for k, v in p.dims.items()},
+                   "shapes": {k: [list(s) for s in v] for k, v in spec.profile_shapes(p).items()}}
+                  for p in spec.profiles],
+        flags=flags, versions=fields["versions"], target=fields["target"],
+        artifact={"file": artifact, "bytes": path.stat().st_size, "sha256": sha256_files([path])},
+        build_seconds=round(seconds, 3), parity=parity, device_memory=device_memory, cache_key=key)
+    manifest.save(staging)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[ModelConfig], list[str]], seed: int,
+                progress) -> ExportIndex:
+    """Export exactly the graphs ``keys_of(config)`` names, from a model directory or preset."""
+    from ..export.index import write_index as write_export_index
+    from ..export.onnx import _versions as export_versions
+    from ..export.onnx import export_graph
+    from ..export.spec import make_specs
+    from ..reference.weights import load_model_or_preset
+
+    model = load_model_or_preset(source, seed=seed)
+    keys = keys_of(model.config)
+    specs = [s for s in make_specs(model.config, precision) if s.key in keys]
+    for spec in specs:
+        if progress:
+            progress(f"export {spec.key}")
+        export_graph(model, spec, out)
+    src = str(Path(source).resolve()) if Path(source).is_dir() else source
+    write_export_index(out, model=model.config.name, source=src, seed=seed, precision=precision,
+                       graphs=[s.key for s in specs], config=model.config.to_dict(), versions=export_versions())
+    return load_export(out)
+
+
+def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets: Sequence[Bucket], *,
+                  guidance: str = "batched", ranged: bool = False, precision: str = "fp32",
+                  compute_capability: str | None = None, cache: EngineCache | None = None, model=None,
+                  threads: int | None = None, seed: int = 0, flags: dict[str, Any] | None = None,
+                  progress: Callable[[str], None] | None = None) -> list[NetworkBuild]:
+    """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if not buckets:
+        raise InputError("at least one bucket is needed (--buckets HxWxF,...)")
+    out_dir = Path(out_dir)
+    cache = cache or EngineCache()
+    target = _target(backend, compute_capability)  # a missing GPU or library fails here, before any work
+    versions = _versions(backend)
+    source_path = Path(source)
+
+    def needed(config: ModelConfig) -> list[str]:
+        return graphs_needed([bucket_shapes(config, b, guidance) for b in buckets])
+
+    if (source_path / EXPORT_INDEX).is_file():
+        index = load_export(source_path)
+    else:
+        if source_path.exists() and not source_path.is_dir():
+            raise InputError(f"{source} is neither an export directory, a model directory nor a preset name")
+        from ..reference.config import from_preset
+
+        if not source_path.is_dir():
+            needed(from_preset(str(source)))  # refuse impossible buckets before loading anything
+        index = _export_for(str(source), out_dir / "export", precision, needed, seed, progress)
+    config = ModelConfig.from_dict(index.config)
+    shapes = [bucket_shapes(config, b, guidance) for b in buckets]
+    keys = graphs_needed(shapes)
+    missing = [k for k in keys if k not in index.specs]
+    if missing:
+        raise EngineError(f"{index.root} lacks the graphs {missing} the buckets need; export them with "
+                          f"`easyanimate-rt export {index.source or 'MODEL'} --out {index.root}`")
+    if model is None and runs_here(backend) and not index.source:
+        raise EngineError(f"{index.root} does not record its source model, which the parity gate needs")
+    loaded: list = [model]
+
+    def model_fn():
+        if loaded[0] is None:
+            from ..reference.weights import load_model_or_preset
+
+            loaded[0] = load_model_or_preset(index.source, seed=index.seed)
+        return loaded[0]
+
+    flags = dict(flags or {})
+    timing_cache = None
+    if backend == "trt":
+        timing_cache = cache.root / f"timing-{target['name'].replace(' ', '_')}-{versions['tensorrt']}.cache"
+    results: list[NetworkBuild] = []
+    for key in keys:
+        spec = index.specs[key]
+        profiles, bucket_index = profiles_for(spec, shapes, ranged)
+        spec = widen(spec, profiles)
+        onnx_path = index.path(key)
+        fields = {"onnx_sha256": sha256_files(onnx_files(onnx_path)), "spec_sha256": digest(spec.to_dict()),
+                  "precision": spec.precision.name, "backend": backend, "flags": flags, "threads": threads,
+                  "profiles": [p.to_dict() for p in profiles], "versions": versions, "target": target}
+        ckey = cache_key(fields)
+        if progress:
+            progress(f"build {key}")
+        entry, built = cache.get_or_build(ckey, lambda staging, spec=spec, onnx_path=onnx_path, key=key: _build_entry(
+            staging, spec=spec, onnx_path=onnx_path, graph_dir=index.root / key, backend=backend,
+            bucket_index=bucket_index, fields=fields, key=ckey, model_fn=model_fn, threads=threads,
+            compute_capability=compute_capability, timing_cache=timing_cache))
+        manifest = Manifest.load(entry)
+        if manifest.buckets != bucket_index:  # same engine, other bucket names: record this build's
+            manifest = dataclasses.replace(manifest, buckets=bucket_index)
+        results.append(NetworkBuild(key, entry, manifest, built))
+    _install(out_dir, results, index, backend, buckets, guidance, ranged)
+    return results
+
+
+def _install(out_dir: Path, results: Sequence[NetworkBuild], index: ExportIndex, backend: str,
+             buckets: Sequence[Bucket], guidance: str, ranged: bool) -> None:
+    """Copy the cache entries into ``out_dir`` (hard links where the filesystem allows)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    entries = {}
+    for r in results:
+        with staged_dir(out_dir / r.key) as tmp:
+            tmp.rmdir()
+            shutil.copytree(r.entry, tmp, copy_function=link)
+            r.manifest.save(tmp)
+        entries[r.key] = {"dir": r.key, "cache_key": r.manifest.cache_key, "artifact": r.manifest.artifact["file"],
+                          "profiles": len(r.manifest.profiles), "parity": r.manifest.parity,
+                          "onnx": str(index.path(r.key))}
+    write_index(out_dir, entries, model=index.model, source=index.source, export=str(index.root), backend=backend,
+                precision=index.precision, guidance=guidance, ranged=ranged, buckets=[b.name for b in buckets])
+
+
+def current_environment(backend: str, compute_capability: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """(library versions, target) of this machine for ``backend``, to check a manifest against."""
+    versions = _versions(backend)
+    versions.pop("easyanimate_rt", None)  # a package upgrade alone does not invalidate an engine
+    if backend == "rtx":
+        return versions, {"compute_capability": compute_capability} if compute_capability else {}
+    return versions, _target(backend, None)
+
+
+def check_network(directory: str | Path, onnx_path: str | Path | None = None,
+                  compute_capability: str | None = None) -> Manifest:
+    """Everything a load must check before handing an engine to the runtime: the
+    manifest reads, the artefact is the one recorded (size and hash), it was built with
+    this machine's library version for this CPU/GPU (or the given AOT target), and, when
+    the source graph is at hand, from that very graph. Each failure is an EngineError
+    that says what differs and how to rebuild."""
+    directory = Path(directory)
+    manifest = Manifest.load(directory)
+    manifest.check_artifact(directory)
+    versions, target = current_environment(manifest.backend, compute_capability)
+    manifest.check_environment(versions, target)
+    if onnx_path is not None and Path(onnx_path).exists():
+        manifest.check_source(Path(onnx_path))
+    return manifest

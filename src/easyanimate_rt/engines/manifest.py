@@ -1,0 +1,158 @@
+"""Engine directories (DESIGN.md 4): one folder per network (and decoder variant) with the
+built artefact and ``manifest.json``; ``engines.json`` at the top indexes them.
+
+The manifest records everything that decides whether an artefact may be reused: the
+source ONNX hash (model.onnx + external data) and spec hash, buckets and their profile
+index, precision, backend, build flags, library versions, target (CPU, the local GPU's
+name and compute capability, or an ahead-of-time target), I/O per profile, build time,
+the artefact's own hash and size, and the parity gate's figures. A mismatch is an
+error that says what differs and how to rebuild, never silent reuse. torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..errors import EngineError
+from ..fileio import atomic_write_text
+
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "engines.json"
+FORMAT = 1
+BACKENDS = ("trt", "rtx", "ort-cpu", "ort-cuda", "ort-trt")
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """model.onnx and its external-data file where there is one."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return [onnx_path] + ([data] if data.exists() else [])
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclass
+class Manifest:
+    """The record of one built network."""
+
+    key: str                      # graph key: dit, vae_decoder/first ...
+    backend: str
+    precision: str
+    onnx_sha256: str
+    spec_sha256: str
+    buckets: dict[str, int]       # bucket name -> profile index
+    profiles: list[dict[str, Any]]  # name, dims (min/opt/max), shapes per input
+    flags: dict[str, Any]
+    versions: dict[str, str]
+    target: dict[str, Any]        # kind cpu | gpu | aot, name, compute_capability
+    artifact: dict[str, Any]      # file, bytes, sha256
+    build_seconds: float
+    parity: dict[str, Any] = field(default_factory=dict)
+    device_memory: list[int] = field(default_factory=list)
+    cache_key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        if d.get("format") != FORMAT:
+            raise EngineError(f"unsupported engine manifest format {d.get('format')!r} (this version reads {FORMAT})")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(directory / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise EngineError(f"{Path(directory)} is not an engine directory (no {MANIFEST_NAME})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise EngineError(f"{path} is corrupt: {exc}; rebuild with `easyanimate-rt build`") from None
+
+    # -- checks -------------------------------------------------------------------------
+
+    def check_artifact(self, directory: Path) -> None:
+        """The artefact is the one the manifest recorded (catches truncation and edits
+        even where the library cannot load it on this machine)."""
+        path = directory / self.artifact["file"]
+        if not path.is_file():
+            raise EngineError(f"{path} is missing; rebuild with `easyanimate-rt build`")
+        size = path.stat().st_size
+        if size != self.artifact["bytes"]:
+            raise EngineError(f"{path} is {size} bytes, the manifest says {self.artifact['bytes']} (truncated or "
+                              f"replaced); rebuild with `easyanimate-rt build`")
+        if sha256_files([path]) != self.artifact["sha256"]:
+            raise EngineError(f"{path} does not match its manifest hash (corrupt or altered); rebuild with "
+                              f"`easyanimate-rt build`")
+
+    def check_source(self, onnx_path: Path) -> None:
+        """The ONNX graph is the one this engine was built from."""
+        got = sha256_files(onnx_files(onnx_path))
+        if got != self.onnx_sha256:
+            raise EngineError(f"{self.key}: {onnx_path} changed since the engine was built (sha256 {got[:12]} vs "
+                              f"{self.onnx_sha256[:12]}); rebuild with `easyanimate-rt build`")
+
+    def check_environment(self, versions: Mapping[str, str], target: Mapping[str, Any]) -> None:
+        """Library versions and target equal the build's; else what differs."""
+        diffs = [f"{k} {self.versions.get(k)!r} -> {v!r}" for k, v in versions.items()
+                 if self.versions.get(k) != v]
+        for k in ("kind", "name", "compute_capability"):
+            if k in target and self.target.get(k) != target[k]:
+                diffs.append(f"target {k} {self.target.get(k)!r} -> {target[k]!r}")
+        if diffs:
+            raise EngineError(f"{self.key}: built for another environment ({'; '.join(diffs)}); rebuild with "
+                              f"`easyanimate-rt build`")
+
+    def profile_for(self, bucket: str) -> int:
+        if bucket not in self.buckets:
+            raise EngineError(f"{self.key} was not built for bucket {bucket}; it has {sorted(self.buckets)}")
+        return self.buckets[bucket]
+
+
+def write_index(root: Path, entries: Mapping[str, Mapping[str, Any]], **info: Any) -> None:
+    """``engines.json``: the networks of an engine directory and how they were built."""
+    body = {"format": FORMAT, **info, "networks": {k: dict(v) for k, v in sorted(entries.items())}}
+    atomic_write_text(root / INDEX_NAME, json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def read_index(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / INDEX_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineError(f"{Path(root)} is not an engine directory (no {INDEX_NAME})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineError(f"{path} is corrupt: {exc}") from None
+    if data.get("format") != FORMAT:
+        raise EngineError(f"{path}: unsupported format {data.get('format')!r}")
+    return data
