@@ -30,12 +30,9 @@ def exported(tmp_path_factory):
     """One CLI export (T5 only: the cheapest graph; the other graphs' directories are
     covered by the library tests), with its printed report."""
     from easyanimate_rt.cli import main
-    from easyanimate_rt.engines import tensorrt_rtx as rtx
 
     out = tmp_path_factory.mktemp("cli") / "tiny-fp16"
     argv = ["export", "tiny", "--out", str(out), "--precision", "fp16", "--networks", "text_encoder", "-q"]
-    if rtx.is_available():
-        argv.append("--rtx")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0

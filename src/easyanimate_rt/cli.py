@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data.cli import add_data_parser
-from .engines.cli import add_build_parser, rtx_check
+from .engines.cli import add_build_parser
 from .errors import EasyAnimateError
 from .export.cli import add_export_parser
 from .train.cli import add_train_parser
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     # module level, so `easyanimate-rt --help` stays fast.
     add_data_parser(sub)
     add_train_parser(sub)
-    add_export_parser(sub, graph_check=rtx_check)
+    add_export_parser(sub)
     add_verify_parser(sub)
     add_build_parser(sub)
     return parser

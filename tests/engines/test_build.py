@@ -69,6 +69,9 @@ def test_ort_engine_directory_and_manifest(ort_build, export_dir):
     assert dit.parity["ok"] and dit.parity["tolerance"] == "onnx_fp32" and dit.parity["inputs"] == 4
     assert 1e-9 < dit.parity["max_abs"] <= 1e-4 and dit.parity["cosine"] >= 0.99999  # real, non-zero outputs
     assert dit.onnx_sha256 and len(dit.cache_key) == 24 and (cache.root / dit.cache_key).is_dir()
+    fusion = dit.flags["transformer_fusions"]  # measured, kept only if parity holds and faster
+    assert fusion["parity"] and fusion["applied"] == (fusion["fused_ms"] < fusion["plain_ms"])
+    assert fusion["fused_ops"].get("FastGelu", 0) > 0
     text = Manifest.load(out / "text_encoder")
     assert len(text.profiles) == 1 and set(text.buckets.values()) == {0}  # weights shared across buckets
     assert not [p for p in out.rglob(".*partial*")]

@@ -77,3 +77,21 @@ def test_plan_is_written_atomically(tmp_path, exports):
     result = rtx.build_aot(path, spec, "SM120", plan_path=plan)
     assert plan.stat().st_size == result.plan_bytes
     assert [p.name for p in plan.parent.iterdir()] == ["text_encoder.plan"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ci_models())
+def test_dit_builds_with_one_profile_per_bucket(exports, name):
+    """The builder's profiles (two buckets -> two static profiles, or one ranged one) are
+    accepted by TensorRT-RTX for the tiny and the shipped DiT."""
+    from easyanimate_rt.engines.buckets import bucket_shapes, parse_buckets, profiles_for
+    from easyanimate_rt.engines.build import widen
+
+    spec, path = exports.written(name, "dit")
+    cfg = exports.model(name).config
+    shapes = [bucket_shapes(cfg, b) for b in parse_buckets("64x64x17,64x64x1")]
+    for ranged, count in ((False, 2), (True, 1)):
+        profiles, _ = profiles_for(spec, shapes, ranged)
+        built = rtx.build_aot(path, widen(spec, profiles), rtx.DEFAULT_COMPUTE_CAPABILITY, profiles=profiles)
+        assert len(profiles) == count and len(built.inputs["latents"]) == 3 * count
+        assert built.inputs["latents"][-1] == (2, 4, 5, 8, 8) and built.plan_bytes > 0

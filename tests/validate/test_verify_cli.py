@@ -4,8 +4,11 @@ compared with the torch reference on its saved inputs and on a recorded-inputs f
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from needs import ON_CI
 
 from easyanimate_rt.cli import main
+from easyanimate_rt.engines import tensorrt_rtx as rtx
 from easyanimate_rt.export.index import load_export
 
 
@@ -30,3 +33,11 @@ def test_verify_with_recorded_inputs_file(exported, tmp_path, capsys):
 def test_verify_errors_exit_2(tmp_path, capsys):
     assert main(["verify", str(tmp_path)]) == 2
     assert "not an export directory" in capsys.readouterr().err
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not rtx.is_available() and not ON_CI, reason="tensorrt-rtx is not installed (extra: rtx)")
+def test_verify_rtx_builds_every_graph(exported, capsys):
+    assert main(["verify", str(exported[0]), "--rtx"]) == 0
+    out = capsys.readouterr().out
+    assert f"tensorrt-rtx {rtx.version()} SM89: text_encoder" in out and "built in" in out

@@ -163,8 +163,14 @@ def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir:
     profile_shapes = [spec.profile_shapes(p) for p in spec.profiles]
     device_memory: list[int] = []
     if backend.startswith("ort"):
-        out = ortb.build(onnx_path, staging, backend, threads, profile_shapes)
+        source, fusion = onnx_path, None
+        if backend == "ort-cpu" and spec.network == "dit" and runs_here(backend):
+            source, fusion = _fusions(onnx_path, staging, spec, graph_dir, model_fn, threads)
+        out = ortb.build(source, staging, backend, threads, profile_shapes)
         artifact, flags = out["artifact"], out["flags"]
+        if fusion is not None:
+            flags["transformer_fusions"] = fusion
+        (staging / "fused.onnx").unlink(missing_ok=True)
     else:
         if backend == "rtx":
             from . import tensorrt_rtx
@@ -209,6 +215,37 @@ def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir:
         artifact={"file": artifact, "bytes": path.stat().st_size, "sha256": sha256_files([path])},
         build_seconds=round(seconds, 3), parity=parity, device_memory=device_memory, cache_key=key)
     manifest.save(staging)
+
+
+def _fusions(onnx_path: Path, staging: Path, spec: ExportSpec, graph_dir: Path, model_fn, threads: int | None
+             ) -> tuple[Path, dict[str, Any]]:
+    """ONNX Runtime's transformer fusions on the DiT graph, kept only if the fused graph
+    passes the parity gate and runs faster than the plain one on the same inputs."""
+    cfg = ModelConfig.from_dict(_config_of(graph_dir))
+    fused = staging / "fused.onnx"
+    counts = ortb.try_fusions(onnx_path, fused, cfg.dit.num_attention_heads, cfg.dit.hidden_size)
+    if counts is None:
+        return onnx_path, {"applied": False, "reason": "the optimiser does not handle this graph"}
+    feeds = parity_feeds(spec, graph_dir)
+    sessions = {name: ortb.load(path.parent, path.name, "ort-cpu", threads) for name, path in
+                (("plain", onnx_path), ("fused", fused))}
+    try:
+        parity_gate(lambda f: sessions["fused"].run(None, f)[0], spec, model_fn(), feeds)
+        ok = True
+    except EngineError:
+        ok = False
+    seconds = {name: ortb.time_session(sess, feeds[-1]) for name, sess in sessions.items()}
+    keep = ok and seconds["fused"] < seconds["plain"]
+    info = {"applied": keep, "fused_ops": counts, "parity": ok,
+            "plain_ms": round(seconds["plain"] * 1e3, 3), "fused_ms": round(seconds["fused"] * 1e3, 3)}
+    log.info("%s: transformer fusions %s (%s)", spec.key, "kept" if keep else "dropped", info)
+    return (fused if keep else onnx_path), info
+
+
+def _config_of(graph_dir: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((graph_dir.parent / EXPORT_INDEX).read_text())["config"]
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -358,4 +395,24 @@ def check_network(directory: str | Path, onnx_path: str | Path | None = None,
     manifest.check_environment(versions, target)
     if onnx_path is not None and Path(onnx_path).exists():
         manifest.check_source(Path(onnx_path))
+    if manifest.backend in ("rtx", "trt") and runs_here("trt"):
+        _check_plan_validity(manifest, directory / manifest.artifact["file"])
     return manifest
+
+
+def _check_plan_validity(manifest: Manifest, plan: Path) -> None:
+    """The library's own check (GPU machines): a plan this TensorRT cannot run is named."""
+    if manifest.backend == "rtx":
+        from . import tensorrt_rtx
+
+        trt = tensorrt_rtx._import()
+    else:
+        from .tensorrt import import_tensorrt
+
+        trt = import_tensorrt()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    if hasattr(runtime, "get_engine_validity"):
+        validity, diagnostics = runtime.get_engine_validity(plan.read_bytes())
+        if validity != trt.EngineValidity.VALID:
+            raise EngineError(f"{plan}: {trt.__name__} reports the plan {validity.name} (diagnostics "
+                              f"{diagnostics}); rebuild with `easyanimate-rt build`")

@@ -127,3 +127,46 @@ def load(directory: Path, artifact: str, backend: str, threads: int | None = Non
     except Exception as exc:
         raise EngineError(f"{directory / artifact} is not a loadable ONNX Runtime model ({exc}); rebuild with "
                           f"`easyanimate-rt build`") from None
+
+
+# --- transformer fusions -------------------------------------------------------------------------
+
+
+def try_fusions(onnx_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> dict[str, int] | None:
+    """``onnxruntime.transformers.optimizer`` fusions (attention, LayerNorm, GELU) written
+    to ``out_path``; the counts of fused operators, or None where the optimiser cannot
+    handle the graph. Skip-LayerNorm fusion is off: it assumes affine LayerNorms, and the
+    DiT's are not."""
+    try:
+        from onnxruntime.transformers import optimizer
+        from onnxruntime.transformers.fusion_options import FusionOptions
+    except ImportError:
+        return None
+    import logging
+
+    opts = FusionOptions("bert")
+    opts.enable_skip_layer_norm = False
+    opts.enable_bias_skip_layer_norm = False
+    # it warns that the producer is not "pytorch": expected for our graphs, not the user's business
+    logging.getLogger("onnxruntime.transformers.optimizer").setLevel(logging.ERROR)
+    try:
+        model = optimizer.optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads,
+                                         hidden_size=hidden_size, optimization_options=opts, opt_level=0)
+        model.save_model_to_file(str(out_path))
+    except Exception as exc:  # the optimiser's pattern matchers raise on graphs they do not expect
+        logging.getLogger(__name__).info("transformer fusions do not apply to %s: %s", onnx_path, exc)
+        return None
+    return {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+
+
+def time_session(session, feeds: Mapping[str, Any], repeat: int = 5) -> float:
+    """Median seconds of one run after a warm-up run."""
+    import time
+
+    session.run(None, dict(feeds))
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        session.run(None, dict(feeds))
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]

@@ -3,9 +3,8 @@
     easyanimate-rt export MODEL --out DIR --precision fp32|fp16|bf16|fp8 [--networks ...]
 
 MODEL is a model directory or a preset name (random weights from ``--seed``). Thin:
-argument parsing, progress bars and printing; the work is in export.onnx. ``--rtx``
-runs a graph check the caller supplies (the root CLI passes the engines layer's
-TensorRT-RTX build check), since export must not import the layers above it.
+argument parsing, progress bars and printing; the work is in export.onnx. Engines are
+built by ``easyanimate-rt build`` (engines layer), which also takes a model and exports.
 """
 
 from __future__ import annotations
@@ -14,22 +13,15 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterable
 
-from ..errors import InputError
 from .precision import PRECISIONS
 from .spec import NETWORKS
 
 log = logging.getLogger(__name__)
 
 
-#: ``(export root, graph keys, compute capability) -> all graphs built``
-GraphCheck = Callable[[Path, Iterable[str], str], bool]
-
-
-def add_export_parser(subparsers, graph_check: GraphCheck | None = None) -> None:
-    """Add the ``export`` subcommand to the top-level CLI's subparsers; ``graph_check``
-    runs for ``--rtx``."""
+def add_export_parser(subparsers) -> None:
+    """Add the ``export`` subcommand to the top-level CLI's subparsers."""
     p = subparsers.add_parser("export", help="export the networks of a model to ONNX",
                               description="Export text encoder, DiT and VAE slices to ONNX, one "
                                           "DIR/<network>/model.onnx + spec.json per graph.")
@@ -43,10 +35,8 @@ def add_export_parser(subparsers, graph_check: GraphCheck | None = None) -> None
     p.add_argument("--calibration-prompt", action="append", dest="calibration_prompts",
                    help="fp8: a calibration prompt (repeatable; default: built-in captions)")
     p.add_argument("--calibration-steps", type=int, help="fp8: sampling steps per calibration prompt")
-    p.add_argument("--rtx", nargs="?", const="SM89", metavar="SM",
-                   help="also build every graph with TensorRT-RTX ahead of time (default SM89)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_export, graph_check=graph_check)
+    p.set_defaults(func=cmd_export)
 
 
 def load_model_for_export(source: str, seed: int):
@@ -91,10 +81,5 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{key}: {g['nodes']} nodes, {g['bytes'] / 1e6:.1f} MB{ext} "
               f"({index.specs[key].precision.compute_dtype}{', fp8 Q/DQ' if index.specs[key].precision.fp8 else ''})")
         print("  " + format_counts(g["nodes_by_op"]).replace("\n", "\n  "))
-    ok = True
-    if args.rtx:
-        if args.graph_check is None:
-            raise InputError("--rtx needs the engines layer's build check; run it through easyanimate-rt")
-        ok = args.graph_check(index.root, keys, args.rtx)
     print(f"wrote {args.out} ({len(keys)} graphs, {args.precision}) in {time.perf_counter() - t0:.1f}s")
-    return 0 if ok else 1
+    return 0
