@@ -6,11 +6,12 @@ An interrupted run therefore never leaves a half-written checkpoint, config or g
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -75,3 +76,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """One sha256 over the bytes of ``paths`` in order (a graph and its external data)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()

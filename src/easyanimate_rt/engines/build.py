@@ -30,13 +30,13 @@ from ..errors import EngineError, InputError
 from ..export.index import INDEX_NAME as EXPORT_INDEX
 from ..export.index import ExportIndex, load_export
 from ..export.spec import INPUTS_NAME, DimSpec, ExportSpec, Profile
-from ..fileio import staged_dir
+from ..fileio import sha256_files, staged_dir
 from ..reference.config import ModelConfig
 from ..tolerances import TOLERANCES, error_stats, within
 from . import onnxruntime as ortb
 from .buckets import Bucket, bucket_shapes, graphs_needed, profiles_for
 from .cache import EngineCache, cache_key
-from .manifest import BACKENDS, Manifest, cpu_name, digest, onnx_files, sha256_files, write_index
+from .manifest import BACKENDS, Manifest, cpu_name, digest, onnx_files, write_index
 
 log = logging.getLogger(__name__)
 

@@ -16,24 +16,15 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from ..errors import EngineError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, sha256_files
 
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "engines.json"
 FORMAT = 1
 BACKENDS = ("trt", "rtx", "ort-cpu", "ort-cuda", "ort-trt")
-
-
-def sha256_files(paths: Iterable[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def onnx_files(onnx_path: Path) -> list[Path]:

@@ -19,7 +19,6 @@ Every graph directory is assembled under a temporary name and renamed into place
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError, MissingDependencyError
-from ..fileio import staged_dir
+from ..fileio import sha256_files, staged_dir
 from .graphs import graph_module, translation_table
 from .index import ExportIndex, load_export, write_index
 from .passes import PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts, set_io_shapes
@@ -159,15 +158,6 @@ def lower(ir_model, spec: ExportSpec, amax: Mapping[str, tuple[float, float]] | 
     return stats
 
 
-def _sha256(paths: Iterable[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     import onnx
     import onnxscript
@@ -216,7 +206,7 @@ def write_graph(ir_model, spec: ExportSpec, directory: str | Path,
         files = [path] + ([tmp / external] if external else [])
         graph = {
             "file": MODEL_NAME, "external_data": external,
-            "bytes": sum(f.stat().st_size for f in files), "sha256": _sha256(files),
+            "bytes": sum(f.stat().st_size for f in files), "sha256": sha256_files(files),
             "nodes": sum(counts.values()), "nodes_by_op": counts,
             "passes": dict(stats or {}), "versions": _versions(),
         }
