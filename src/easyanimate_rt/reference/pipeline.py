@@ -102,6 +102,15 @@ class GenerationResult:
 StepCallback = Callable[[int, int], None]
 
 
+def default_request(config: ModelConfig, prompt: str, **kwargs) -> GenerationRequest:
+    """A request with ``config``'s sampling defaults where ``kwargs`` give None or nothing."""
+    d = config.sampling
+    base = dict(negative_prompt=d.negative_prompt, height=d.height, width=d.width, frames=d.frames,
+                steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
+    base.update({k: v for k, v in kwargs.items() if v is not None})
+    return GenerationRequest(prompt=prompt, **base)
+
+
 class ReferencePipeline:
     """Text -> video with the PyTorch reference networks."""
 
@@ -133,11 +142,7 @@ class ReferencePipeline:
 
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
         """A request filled with this model's sampling defaults."""
-        d = self.config.sampling
-        base = dict(negative_prompt=d.negative_prompt, height=d.height, width=d.width, frames=d.frames,
-                    steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
-        base.update({k: v for k, v in kwargs.items() if v is not None})
-        return GenerationRequest(prompt=prompt, **base)
+        return default_request(self.config, prompt, **kwargs)
 
     # 1. text
     @torch.no_grad()

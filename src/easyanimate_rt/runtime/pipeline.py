@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..export.spec import decoder_variant, make_specs
 from ..media import save_video, to_uint8
 from ..reference.config import ModelConfig
-from ..reference.pipeline import GenerationRequest
+from ..reference.pipeline import GenerationRequest, default_request
 from ..reference.samplers import make_sampler
 from .engine import Engine
 
@@ -100,11 +100,7 @@ class Pipeline:
         return cls(config, engines, tokenize, backend)
 
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
-        d = self.config.sampling
-        base = dict(negative_prompt=d.negative_prompt, height=d.height, width=d.width, frames=d.frames,
-                    steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
-        base.update({k: v for k, v in kwargs.items() if v is not None})
-        return GenerationRequest(prompt=prompt, **base)
+        return default_request(self.config, prompt, **kwargs)
 
     def _engine(self, key: str) -> Engine:
         if key not in self.engines:
