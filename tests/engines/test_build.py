@@ -246,7 +246,7 @@ def test_rtx_ahead_of_time_plans_with_several_profiles(export_dir, tmp_path):
     assert "skipped" in dit.parity  # no GPU: built, not run
     assert (out / "dit" / "engine.plan").stat().st_size == dit.artifact["bytes"] > 0
     assert {r.key for r in results} == {"text_encoder", "dit", "vae_decoder/lone", "vae_decoder/single"}
-    with pytest.raises(EngineError, match="compute capability must be one of"):
+    with pytest.raises(InputError, match="compute capability must be one of"):
         build_engines(root, tmp_path / "bad", "rtx", parse_buckets("64x64x9"), cache=EngineCache(tmp_path / "c2"),
                       compute_capability="SM01")
 

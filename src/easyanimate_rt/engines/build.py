@@ -83,6 +83,8 @@ def _target(backend: str, compute_capability: str | None) -> dict[str, Any]:
 
             return {**local_gpu(), "kind": "gpu"}
         cc = compute_capability or tensorrt_rtx.DEFAULT_COMPUTE_CAPABILITY
+        if cc not in tensorrt_rtx.compute_capabilities():  # before any export or build
+            raise InputError(f"compute capability must be one of {tensorrt_rtx.compute_capabilities()}, got {cc!r}")
         return {"kind": "aot", "compute_capability": cc}
     if compute_capability is not None:
         raise InputError(f"--compute-capability is for ahead-of-time builds (--backend rtx), not {backend}")
@@ -295,12 +297,11 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
     if (source_path / EXPORT_INDEX).is_file():
         index = load_export(source_path)
     else:
-        if source_path.exists() and not source_path.is_dir():
-            raise InputError(f"{source} is neither an export directory, a model directory nor a preset name")
         from ..reference.config import from_preset
+        from ..reference.weights import preset_name
 
         if not source_path.is_dir():
-            needed(from_preset(str(source)))  # refuse impossible buckets before loading anything
+            needed(from_preset(preset_name(source)))  # refuse impossible buckets before loading anything
         index = _export_for(str(source), out_dir / "export", precision, needed, seed, progress)
     config = ModelConfig.from_dict(index.config)
     shapes = [bucket_shapes(config, b, guidance) for b in buckets]

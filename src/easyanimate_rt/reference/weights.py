@@ -93,19 +93,27 @@ def random_model(config: ModelConfig, seed: int = 0, tokenizer_dir: str | Path |
     return model.eval()
 
 
-def load_model_or_preset(source: str | Path, seed: int = 0, preset: str | None = None,
-                         device: torch.device | str = "cpu") -> EasyAnimateModel:
-    """``source`` is a model directory (loaded with :func:`load_model`) or a preset name
-    (random weights from ``seed``). A path-like ``source`` that does not exist is an
-    error, not a preset name."""
+def preset_name(source: str | Path) -> str:
+    """``source`` as a preset name; a path-like ``source`` that is not a directory is a
+    missing model directory, not a preset."""
     path = Path(source)
-    if path.is_dir():
-        return load_model(path, preset=preset, device=device)
     if str(source) not in PRESETS and (path.suffix or len(path.parts) > 1 or path.exists()):
         raise CheckpointError(f"model directory not found: {source} (and it is not a preset name; "
                               f"presets: {sorted(PRESETS)})")
-    log.warning("%s is not a directory: building preset %r with RANDOM weights", source, str(source))
-    return random_model(from_preset(str(source)), seed=seed).to(device)
+    from_preset(str(source))  # an unknown name: the error lists the presets
+    return str(source)
+
+
+def load_model_or_preset(source: str | Path, seed: int = 0, preset: str | None = None,
+                         device: torch.device | str = "cpu") -> EasyAnimateModel:
+    """``source`` is a model directory (loaded with :func:`load_model`) or a preset name
+    (random weights from ``seed``)."""
+    path = Path(source)
+    if path.is_dir():
+        return load_model(path, preset=preset, device=device)
+    name = preset_name(source)
+    log.warning("%s is not a directory: building preset %r with RANDOM weights", source, name)
+    return random_model(from_preset(name), seed=seed).to(device)
 
 
 # --- state dicts -------------------------------------------------------------------------
