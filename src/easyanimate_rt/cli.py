@@ -13,12 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .data.cli import add_data_parser
-from .engines.cli import add_build_parser
-from .errors import EasyAnimateError
-from .export.cli import add_export_parser
-from .train.cli import add_train_parser
-from .validate.cli import add_verify_parser
+from .errors import EasyAnimateError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -85,41 +80,125 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # --- generate ----------------------------------------------------------------------------
 
+GENERATE_BACKENDS = "auto (ONNX Runtime engines, built on first use), reference (the PyTorch reference " \
+                    "pipeline), torch, ort, or per network: dit=ort,vae=torch"
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+
+
+def _print_timings(timings: dict, total: float) -> None:
+    steps = timings.get("steps") or []
+    rows = [(k, timings[k]) for k in ("load", "build", "prepare", "text", "denoise", "decode", "write") if k in timings]
+    print("timings (s):", file=sys.stderr)
+    for name, value in rows:
+        extra = ""
+        if name == "denoise" and steps:
+            extra = f"  ({len(steps)} steps: mean {sum(steps) / len(steps):.3f}, min {min(steps):.3f}, " \
+                    f"max {max(steps):.3f})"
+        print(f"  {name:8s} {value:8.3f}{extra}", file=sys.stderr)
+    print(f"  {'total':8s} {total:8.3f}", file=sys.stderr)
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .reference.pipeline import ReferencePipeline
+    from .media import check_output_path
 
+    t_start = time.perf_counter()
+    check_output_path(args.out)  # before any model loads
+    _check_device(args.device)
     model = args.model or default_model()
     image = None
     if args.image is not None:
         from .media import read_image
 
         image = read_image(args.image)  # a missing or broken file fails before the model loads
-    t0 = time.perf_counter()
-    pipe = ReferencePipeline.from_pretrained(model, device=args.device, clip_model=args.clip_model)
+    kwargs = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, frames=args.frames,
+                  steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
+                  guidance_mode=args.guidance_mode, image=image)
+    use_reference = args.backend == "reference" or image is not None or args.device != "cpu"
+    if use_reference and args.backend not in ("reference", "auto"):
+        raise InputError(f"--backend {args.backend} runs text-to-video on the CPU; image-to-video and --device "
+                         f"cuda run on --backend reference for now")
+    progress = None if args.quiet else (lambda msg: print(f"[{time.perf_counter() - t_start:5.1f}s] {msg}",
+                                                          file=sys.stderr, flush=True))
+    if use_reference:
+        from .reference.pipeline import ReferencePipeline
+
+        pipe = ReferencePipeline.from_pretrained(model, device=args.device, clip_model=args.clip_model)
+    else:
+        from .runtime.pipeline import Pipeline, read_config
+
+        config = read_config(model)
+        if config is not None:  # refuse a bad request before any engine loads or builds
+            from .reference.request import default_request
+            from .runtime.budget import check_budget
+
+            req = default_request(config, args.prompt, **kwargs)
+            req.validate(config)
+            check_budget(config, req, args.max_tokens)
+        pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines,
+                                        cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
+                                        compile=not args.no_compile, progress=progress)
     if Path(model).is_dir():
         print(f"model: {model}")
     else:
         print(f"model: preset {model!r} with random weights (no trained model given)")
-    req = pipe.request(args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-                       width=args.width, frames=args.frames, steps=args.steps,
-                       guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
-                       guidance_mode=args.guidance_mode, image=image)
-    req.validate(pipe.config)
-    bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet)
+    req = pipe.request(args.prompt, **kwargs)
+    bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr)
 
     def on_step(i: int, n: int) -> None:
         bar.update(1)
 
-    t1 = time.perf_counter()
-    result = pipe.run(req, on_step)
-    bar.close()
-    out = result.save(args.out)
-    t2 = time.perf_counter()
-    print(f"wrote {out} ({result.frames.shape[0]} frames {req.height}x{req.width} @ {result.fps} fps); "
-          f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s")
+    try:
+        if use_reference:
+            timings = _reference_to_file(pipe, req, args.out, on_step)
+        else:
+            timings = pipe.generate_to(args.out, req, on_step, max_tokens=args.max_tokens).timings
+    finally:
+        bar.close()
+    total = time.perf_counter() - t_start
+    backend = "reference" if use_reference else pipe.describe()
+    print(f"wrote {args.out} ({req.frames} frames {req.height}x{req.width} @ {pipe.config.sampling.fps} fps) "
+          f"on {backend} in {total:.1f}s")
+    if args.timings:
+        _print_timings(timings, total)
     return 0
+
+
+def _reference_to_file(pipe, req, out: str, on_step) -> dict:
+    """The reference pipeline, its frames streamed into the writer slice by slice."""
+    from .media import VideoWriter
+
+    req.validate(pipe.config)
+    timings: dict = {}
+    t = time.perf_counter()
+    emb, mask = pipe.encode_prompt(req.prompt, req.negative_prompt)
+    timings["text"] = time.perf_counter() - t
+    t = time.perf_counter()
+    latents = pipe.denoise(req, emb, mask, on_step)
+    timings["denoise"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with VideoWriter(out, pipe.config.sampling.fps) as writer:
+        for chunk in pipe.iter_frames(latents):
+            writer.write(chunk)
+    timings["decode"] = time.perf_counter() - t
+    return timings
 
 
 # --- parser ------------------------------------------------------------------------------
@@ -136,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("generate", help="text -> video with the reference backend")
+    p = sub.add_parser("generate", help="text -> video (on the runtime's engines by default)")
     p.add_argument("prompt")
     p.add_argument("--model", help="model directory or preset name (default: the shipped model)")
     p.add_argument("--out", default="output.mp4", help="output .mp4, .gif or .png (default: output.mp4)")
@@ -148,16 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--sampler", help="ddim, euler, euler_a or dpm++ (default: the model's)")
     p.add_argument("--guidance-mode", choices=["batched", "sequential"], default="batched")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="an integer in [0, 2**64) (default 0)")
     p.add_argument("--image", help="image-to-video: the start frame (png/jpg of the video's size; InP models)")
     p.add_argument("--clip-model", help="local CLIP vision model directory (CLIPVisionModelWithProjection) "
                                         "for --image; without it the start image conditions through the VAE only")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--backend", default="auto", help=GENERATE_BACKENDS)
+    p.add_argument("--engines", help="engine directory (default: one per model in the engine cache)")
+    p.add_argument("--cache-dir", help="engine cache (default: $XDG_CACHE_HOME/easyanimate-rt/engines)")
+    p.add_argument("--precision", default="fp32", help="engine precision (ONNX Runtime CPU: fp32)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the cores)")
+    p.add_argument("--max-tokens", type=int, help="refuse requests with more DiT tokens than this")
+    p.add_argument("--no-compile", action="store_true", help="never export or build engines; a size without "
+                                                             "engines is an error")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graph capture (GPU backends)")
+    p.add_argument("--timings", action="store_true", help="print per-stage timings")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the reference backend on a GPU")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_generate)
 
     # Each layer registers its own subcommands; their modules import nothing heavy at
     # module level, so `easyanimate-rt --help` stays fast.
+    from .data.cli import add_data_parser
+    from .engines.cli import add_build_parser
+    from .export.cli import add_export_parser
+    from .train.cli import add_train_parser
+    from .validate.cli import add_verify_parser
+
     add_data_parser(sub)
     add_train_parser(sub)
     add_export_parser(sub)
@@ -167,11 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    """Exit codes: 0 ok, 2 a broken rule or bad input (one line: the rule and the value),
+    130 interrupted (Ctrl-C at any point), 1 anything unexpected (one line and a hint;
+    the traceback with -v). Never a traceback for a user mistake."""
+    verbose = False
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s")
         return int(args.func(args) or 0)
     except EasyAnimateError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -179,6 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug or an environment problem, not the user's input
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: unexpected {type(exc).__name__}: {detail}\n"
+              f"hint: rerun with -v for the full traceback; if it persists, please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -292,32 +292,101 @@ def _check_frames(frames: np.ndarray) -> None:
         raise InputError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
 
 
+def check_output_path(path: str | Path) -> Path:
+    """Refuse, before any work, an output the writer could not produce: a suffix other
+    than .mp4/.gif/.png, a directory, or a folder that cannot be created or written."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(f"output file must end in one of {list(VIDEO_SUFFIXES)}, got {path.name!r}")
+    if path.is_dir():
+        raise InputError(f"output path {path} is a directory; name a file ending in {list(VIDEO_SUFFIXES)}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {parent} is not a writable directory")
+    return path
+
+
+def frames_to_uint8(video: np.ndarray) -> np.ndarray:
+    """(3, F, H, W) float in [-1, 1] -> (F, H, W, 3) uint8; numpy twin of ``to_uint8``
+    (same float32 arithmetic, same round-half-to-even)."""
+    x = np.rint((np.clip(np.asarray(video, np.float32), -1, 1) + np.float32(1)) * np.float32(127.5))
+    return np.ascontiguousarray(x.astype(np.uint8).transpose(1, 2, 3, 0))
+
+
+class VideoWriter:
+    """Frames in, one file out, written as they come (mp4 streams into ffmpeg; gif and
+    png keep what they need). The file appears only on ``close()``: an exception or
+    Ctrl-C inside the ``with`` block leaves no partial output.
+
+        with VideoWriter("out.mp4", fps=8) as w:
+            for chunk in chunks:          # uint8 (n, H, W, 3)
+                w.write(chunk)
+    """
+
+    def __init__(self, path: str | Path, fps: int):
+        self.path = check_output_path(path)
+        self.fps = fps
+        self.suffix = self.path.suffix.lower()
+        self.frames_written = 0
+        self._atomic = atomic_path(self.path)
+        self._tmp: Path | None = None
+        self._ffmpeg = None
+        self._kept: list[np.ndarray] = []
+
+    def __enter__(self) -> "VideoWriter":
+        self._tmp = self._atomic.__enter__()
+        return self
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = np.asarray(frames)
+        _check_frames(frames)
+        if self.suffix == ".mp4":
+            if self._ffmpeg is None:
+                import imageio_ffmpeg
+
+                h, w = frames.shape[1:3]
+                self._ffmpeg = imageio_ffmpeg.write_frames(
+                    str(self._tmp), (w, h), fps=self.fps, codec="libx264", quality=None,
+                    output_params=["-crf", "18", "-f", "mp4"], macro_block_size=1, pix_fmt_out="yuv420p")
+                self._ffmpeg.send(None)
+            for frame in frames:
+                self._ffmpeg.send(np.ascontiguousarray(frame))
+        elif self.suffix == ".gif" or not self._kept:
+            self._kept.append(frames if self.suffix == ".gif" else frames[:1])
+        self.frames_written += len(frames)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+            elif self._ffmpeg is not None:
+                self._ffmpeg.close()
+        finally:
+            self._atomic.__exit__(exc_type, exc, tb)
+
+    def _finish(self) -> None:
+        if not self.frames_written:
+            raise InputError(f"no frames to write to {self.path}")
+        if self.suffix == ".mp4":
+            self._ffmpeg.close()
+            return
+        import imageio.v3 as iio
+
+        if self.suffix == ".gif":
+            iio.imwrite(self._tmp, np.concatenate(self._kept), extension=".gif", duration=1000 / self.fps, loop=0)
+        else:
+            iio.imwrite(self._tmp, self._kept[0][0], extension=".png")
+
+
 def save_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
     """Write frames (F, H, W, 3) uint8 to mp4, gif, or png (first frame; for 1-frame output)."""
-    import imageio.v3 as iio
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in VIDEO_SUFFIXES:
-        raise InputError(f"output file must end in one of {list(VIDEO_SUFFIXES)}, got {path.name!r}")
+    check_output_path(path)
     _check_frames(frames)
-    with atomic_path(path) as tmp:
-        if suffix == ".mp4":
-            import imageio_ffmpeg
-
-            h, w = frames.shape[1:3]
-            writer = imageio_ffmpeg.write_frames(
-                str(tmp), (w, h), fps=fps, codec="libx264", quality=None,
-                output_params=["-crf", "18", "-f", "mp4"], macro_block_size=1, pix_fmt_out="yuv420p")
-            writer.send(None)
-            for frame in frames:
-                writer.send(np.ascontiguousarray(frame))
-            writer.close()
-        elif suffix == ".gif":
-            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
-        else:
-            iio.imwrite(tmp, frames[0], extension=".png")
-    return path
+    with VideoWriter(path, fps) as writer:
+        writer.write(frames)
+    return Path(path)
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:

@@ -53,22 +53,22 @@ def decoded(pipe, latents: torch.Tensor) -> np.ndarray:
 def sample_by_hand(pipe, prompt, negative, *, frames, seed, steps, guidance_scale, sampler,
                    height=32, width=32):
     """The guided denoising loop written out: each prompt encoded on its own, one DiT
-    call per branch, guidance as (1 - g) uncond + g cond; one generator seeded with
-    ``seed`` draws the initial latents, then each step's ancestral noise."""
+    call per branch, guidance as (1 - g) uncond + g cond; one numpy PCG64 generator
+    seeded with ``seed`` draws the initial latents, then each step's ancestral noise."""
     model, vae = pipe.model, pipe.config.vae
     c, g = vae.latent_channels, guidance_scale
     (emb_u, mask_u), (emb_c, mask_c) = (model.text_encoder.encode([p]) for p in (negative, prompt))
     sampler = make_sampler(sampler, steps)
-    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
     s = vae.spatial_compression
     shape = (1, c, vae.latent_frames(frames), height // s, width // s)
-    x = torch.randn(shape, generator=gen) * sampler.init_noise_sigma
+    x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) * sampler.init_noise_sigma
     for i in range(steps):
         t = sampler.timesteps[i:i + 1]
         xin = sampler.scale_model_input(x, i)
         uncond = model.dit(xin, t, emb_u, mask_u)[:, :c]
         cond = model.dit(xin, t, emb_c, mask_c)[:, :c]
-        noise = torch.randn(shape, generator=gen) if sampler.needs_noise else None
+        noise = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) if sampler.needs_noise else None
         x = sampler.step(i, x, (1 - g) * uncond + g * cond, noise)
     return x
 
@@ -132,7 +132,7 @@ def test_guidance_scale_0_and_1_select_one_branch(pipe):
     (dict(width=0), "width must be a positive multiple of 16, got 0"),
     (dict(frames=7), "frames must be 1, a multiple of 8 or a multiple of 8 plus 1, got 7"),
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number in [0, 100.0], got -1.0"),
     (dict(sampler="plms"), "unknown sampler 'plms'; known samplers: "),
 ])
 def test_bad_inputs_name_the_rule(pipe, kwargs, rule):
@@ -177,7 +177,8 @@ def test_v_prediction_model_follows_diffusers(pipe):
             prediction_type="v_prediction", algorithm_type="dpmsolver++", solver_order=2,
             solver_type="midpoint", lower_order_final=True)
         sched.set_timesteps(6)
-        x = torch.randn(req.latent_shape(pipe.config), generator=torch.Generator().manual_seed(3))
+        x = torch.from_numpy(np.random.Generator(np.random.PCG64(3)).standard_normal(
+            req.latent_shape(pipe.config), dtype=np.float32))
         c = pipe.config.vae.latent_channels
         with torch.no_grad():
             for t in sched.timesteps:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import EngineError, InputError
+from ..errors import EngineError, ExportError, InputError
 from ..export.index import INDEX_NAME as EXPORT_INDEX
 from ..export.index import ExportIndex, load_export
 from ..export.spec import INPUTS_NAME, DimSpec, ExportSpec, Profile
@@ -254,32 +254,81 @@ def _config_of(graph_dir: Path) -> dict[str, Any]:
 
 
 def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[ModelConfig], list[str]], seed: int,
-                progress) -> ExportIndex:
-    """Export exactly the graphs ``keys_of(config)`` names, from a model directory or preset."""
+                progress, model=None) -> ExportIndex:
+    """Export the graphs ``keys_of(config)`` names, from a model directory or preset, into
+    ``out``; graphs an earlier export of the same model (by fingerprint) left there are
+    reused. With two or more cores the DiT, the slowest graph, is traced in a second
+    process while this one traces the rest."""
+    from ..export.index import read_index as read_export_index
     from ..export.index import write_index as write_export_index
     from ..export.onnx import _versions as export_versions
+    from ..export.onnx import export_graph
+    from ..export.spec import MODEL_NAME, make_specs
+    from ..reference.config import model_fingerprint
+    from ..reference.weights import load_model_or_preset
+
+    fingerprint = model_fingerprint(source, seed)
+    model = model if model is not None else load_model_or_preset(source, seed=seed)
+    keys = keys_of(model.config)
+    have: set[str] = set()
+    if (out / EXPORT_INDEX).is_file():
+        old = read_export_index(out)
+        if old.get("source_sha256") == fingerprint and old.get("precision") == precision:
+            have = {k for k in old.get("graphs", []) if (out / k / MODEL_NAME).is_file()}
+    specs = [s for s in make_specs(model.config, precision) if s.key in keys and s.key not in have]
+    if progress and have & set(keys):
+        progress(f"reusing the export of {', '.join(sorted(have & set(keys)))}")
+    child = None
+    if len(specs) > 1 and "dit" in [s.key for s in specs] and (os.cpu_count() or 1) >= 2:
+        # A plain subprocess, not multiprocessing: spawn would re-run the caller's script.
+        import subprocess
+        import sys
+
+        code = ("import sys; from easyanimate_rt.engines.build import _export_in_child; "
+                "_export_in_child(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])")
+        child = subprocess.Popen([sys.executable, "-c", code, str(source), str(seed), precision, "dit", str(out)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        specs = [s for s in specs if s.key != "dit"]
+        if progress:
+            progress("export dit (in a second process)")
+    try:
+        for spec in specs:
+            if progress:
+                progress(f"export {spec.key}")
+            export_graph(model, spec, out)
+        if child is not None:
+            _, err = child.communicate()
+            if child.returncode:
+                last = (err.strip().splitlines() or ["(no output)"])[-1]
+                raise ExportError(f"dit: the export process failed (exit {child.returncode}): {last}")
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+    src = str(Path(source).resolve()) if Path(source).is_dir() else source
+    write_export_index(out, model=model.config.name, source=src, seed=seed, precision=precision,
+                       graphs=sorted(set(keys) | have), config=model.config.to_dict(), versions=export_versions(),
+                       source_sha256=fingerprint)
+    return load_export(out)
+
+
+def _export_in_child(source: str, seed: int, precision: str, key: str, out: str) -> None:
     from ..export.onnx import export_graph
     from ..export.spec import make_specs
     from ..reference.weights import load_model_or_preset
 
+    logging.getLogger("easyanimate_rt").setLevel(logging.WARNING)
     model = load_model_or_preset(source, seed=seed)
-    keys = keys_of(model.config)
-    specs = [s for s in make_specs(model.config, precision) if s.key in keys]
-    for spec in specs:
-        if progress:
-            progress(f"export {spec.key}")
-        export_graph(model, spec, out)
-    src = str(Path(source).resolve()) if Path(source).is_dir() else source
-    write_export_index(out, model=model.config.name, source=src, seed=seed, precision=precision,
-                       graphs=[s.key for s in specs], config=model.config.to_dict(), versions=export_versions())
-    return load_export(out)
+    spec = next(s for s in make_specs(model.config, precision) if s.key == key)
+    export_graph(model, spec, out)
 
 
 def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets: Sequence[Bucket], *,
                   guidance: str = "batched", ranged: bool = False, precision: str = "fp32",
                   compute_capability: str | None = None, cache: EngineCache | None = None, model=None,
                   threads: int | None = None, seed: int = 0, flags: dict[str, Any] | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[NetworkBuild]:
+                  progress: Callable[[str], None] | None = None,
+                  index_info: dict[str, Any] | None = None) -> list[NetworkBuild]:
     """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
@@ -302,7 +351,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
 
         if not source_path.is_dir():
             needed(from_preset(preset_name(source)))  # refuse impossible buckets before loading anything
-        index = _export_for(str(source), out_dir / "export", precision, needed, seed, progress)
+        index = _export_for(str(source), out_dir / "export", precision, needed, seed, progress, model)
     config = ModelConfig.from_dict(index.config)
     shapes = [bucket_shapes(config, b, guidance) for b in buckets]
     keys = graphs_needed(shapes)
@@ -345,12 +394,12 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         if manifest.buckets != bucket_index:  # same engine, other bucket names: record this build's
             manifest = dataclasses.replace(manifest, buckets=bucket_index)
         results.append(NetworkBuild(key, entry, manifest, built))
-    _install(out_dir, results, index, backend, buckets, guidance, ranged)
+    _install(out_dir, results, index, backend, buckets, guidance, ranged, index_info or {})
     return results
 
 
 def _install(out_dir: Path, results: Sequence[NetworkBuild], index: ExportIndex, backend: str,
-             buckets: Sequence[Bucket], guidance: str, ranged: bool) -> None:
+             buckets: Sequence[Bucket], guidance: str, ranged: bool, info: dict[str, Any]) -> None:
     """Copy the cache entries into ``out_dir`` (hard links where the filesystem allows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -370,7 +419,7 @@ def _install(out_dir: Path, results: Sequence[NetworkBuild], index: ExportIndex,
                           "profiles": len(r.manifest.profiles), "parity": r.manifest.parity,
                           "onnx": str(index.path(r.key))}
     write_index(out_dir, entries, model=index.model, source=index.source, export=str(index.root), backend=backend,
-                precision=index.precision, guidance=guidance, ranged=ranged, buckets=[b.name for b in buckets])
+                precision=index.precision, guidance=guidance, ranged=ranged, buckets=[b.name for b in buckets], **info)
 
 
 def current_environment(backend: str, compute_capability: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:

@@ -41,15 +41,20 @@ class ExportIndex:
 
 
 def write_index(root: Path, *, model: str, source: str | None, seed: int, precision: str,
-                graphs: Iterable[str], config: Mapping[str, Any], versions: Mapping[str, str]) -> None:
+                graphs: Iterable[str], config: Mapping[str, Any], versions: Mapping[str, str],
+                source_sha256: str | None = None) -> None:
     """Write ``export.json`` (last, atomically: an export is complete once it exists).
-    Graphs of an earlier export of the same model and precision in ``root`` are kept."""
+    Graphs of an earlier export of the same model (same fingerprint, when recorded) and
+    precision in ``root`` are kept."""
     graphs = set(graphs)
     old = read_index(root) if (root / INDEX_NAME).exists() else None
-    if old and old.get("precision") == precision and old.get("model") == model:
+    if (old and old.get("precision") == precision and old.get("model") == model
+            and old.get("source_sha256") == source_sha256):
         graphs |= set(old.get("graphs", []))
     index = {"format": INDEX_FORMAT, "model": model, "source": source, "seed": seed, "precision": precision,
              "graphs": sorted(graphs), "config": dict(config), "versions": dict(versions)}
+    if source_sha256 is not None:
+        index["source_sha256"] = source_sha256
     atomic_write_text(root / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

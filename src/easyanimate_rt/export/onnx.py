@@ -33,7 +33,8 @@ from ..errors import ExportError, MissingDependencyError
 from ..fileio import sha256_files, staged_dir
 from .graphs import graph_module, translation_table
 from .index import ExportIndex, load_export, write_index
-from .passes import PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts, set_io_shapes
+from .passes import (PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts, optimize_ir,
+                     set_io_shapes)
 from .precision import WRAPPER_PREFIX, convert_precision
 from .spec import INPUTS_NAME, MODEL_NAME, ExportSpec, make_specs
 
@@ -122,7 +123,8 @@ def trace(model, spec: ExportSpec):
                 module, args, dynamo=True, opset_version=spec.opset,
                 input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_shapes=(_dynamic_shapes(spec),), custom_translation_table=translation_table(),
-                optimize=True, verbose=False, report=False)
+                optimize=False, verbose=False, report=False)
+            optimize_ir(program.model)
     except Exception as exc:
         raise ExportError(f"{spec.key}: torch.onnx.export failed: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

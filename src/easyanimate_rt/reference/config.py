@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import ConfigError, ShapeError
+from ..errors import CheckpointError, ConfigError, ShapeError
 
 DTYPES = ("float32", "float16", "bfloat16")
 PADDING_MODES = ("slice", "causal")
@@ -520,3 +521,35 @@ def from_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+def preset_name(source: str | Path) -> str:
+    """``source`` as a preset name; a path-like ``source`` that is not a directory is a
+    missing model directory, not a preset."""
+    path = Path(source)
+    if str(source) not in PRESETS and (path.suffix or len(path.parts) > 1 or path.exists()):
+        raise CheckpointError(f"model directory not found: {source} (and it is not a preset name; "
+                              f"presets: {sorted(PRESETS)})")
+    from_preset(str(source))  # an unknown name: the error lists the presets
+    return str(source)
+
+
+def model_fingerprint(source: str | Path, seed: int = 0) -> str:
+    """sha256 over a model directory's files (names and contents; model cards aside), or
+    of a preset's name, seed and torch version (which draw its random weights). Engines
+    and exports record it, so a changed model never reuses them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    path = Path(source)
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix != ".md"):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    else:
+        from importlib.metadata import version
+
+        h.update(f"preset:{preset_name(source)}:seed={seed}:torch={version('torch')}".encode())
+    return h.hexdigest()

@@ -16,7 +16,7 @@ S text tokens, E text width.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,69 +25,12 @@ import torch
 
 from ..errors import InputError
 from ..media import from_uint8, save_video, to_uint8
-from .config import ModelConfig
-from .samplers import SAMPLERS, make_sampler
+from .request import GUIDANCE_MODES, GenerationRequest, default_request  # noqa: F401 (re-exported)
+from .samplers import make_sampler
+from .schedule import SeededNoise
 from .weights import EasyAnimateModel, load_model_or_preset
 
 log = logging.getLogger(__name__)
-
-GUIDANCE_MODES = ("batched", "sequential")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One text-to-video request, validated on construction."""
-
-    prompt: str
-    negative_prompt: str = ""
-    height: int = 384
-    width: int = 672
-    frames: int = 144
-    steps: int = 30
-    guidance_scale: float = 6.0
-    sampler: str = "dpm++"
-    seed: int = 0
-    guidance_mode: str = "batched"
-    # image-to-video: the start frame, uint8 (height, width, 3); InP models only.
-    image: np.ndarray | None = field(default=None, compare=False, repr=False)
-    # share of the last steps that see the CLIP image embedding (upstream default 0.5)
-    clip_apply_ratio: float = 0.5
-
-    def validate(self, config: ModelConfig) -> None:
-        if not isinstance(self.prompt, str):
-            raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        if not isinstance(self.negative_prompt, str):
-            raise InputError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
-        mult = config.pixel_multiple
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % mult:
-                raise InputError(f"{name} must be a positive multiple of {mult}, got {v!r}")
-        config.vae.check_frames(self.frames)
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not self.guidance_scale >= 0:
-            raise InputError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; known samplers: {sorted(SAMPLERS)}")
-        if self.guidance_mode not in GUIDANCE_MODES:
-            raise InputError(f"guidance_mode must be one of {list(GUIDANCE_MODES)}, got {self.guidance_mode!r}")
-        if not 0.0 <= self.clip_apply_ratio <= 1.0:
-            raise InputError(f"clip_apply_ratio must be in [0, 1], got {self.clip_apply_ratio!r}")
-        if self.image is not None:
-            if not config.dit.inpaint:
-                raise InputError(f"image-to-video needs an InP model (a DiT with mask and masked-video "
-                                 f"inputs, e.g. the v3 presets); {config.name!r} is text-to-video only")
-            image = np.asarray(self.image)
-            if image.dtype != np.uint8 or image.shape != (self.height, self.width, 3):
-                raise InputError(f"image must be uint8 of shape ({self.height}, {self.width}, 3) (the video's "
-                                 f"height x width, RGB), got {image.dtype} {image.shape}")
-
-    def latent_shape(self, config: ModelConfig) -> tuple[int, int, int, int, int]:
-        s = config.vae.spatial_compression
-        return (1, config.vae.latent_channels, config.vae.latent_frames(self.frames),
-                self.height // s, self.width // s)
-
 
 @dataclass
 class GenerationResult:
@@ -100,15 +43,6 @@ class GenerationResult:
 
 
 StepCallback = Callable[[int, int], None]
-
-
-def default_request(config: ModelConfig, prompt: str, **kwargs) -> GenerationRequest:
-    """A request with ``config``'s sampling defaults where ``kwargs`` give None or nothing."""
-    d = config.sampling
-    base = dict(negative_prompt=d.negative_prompt, height=d.height, width=d.width, frames=d.frames,
-                steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
-    base.update({k: v for k, v in kwargs.items() if v is not None})
-    return GenerationRequest(prompt=prompt, **base)
 
 
 class ReferencePipeline:
@@ -204,14 +138,15 @@ class ReferencePipeline:
     # 3. denoising loop
     @torch.no_grad()
     def denoise(self, req: GenerationRequest, emb: torch.Tensor, mask: torch.Tensor,
-                callback: StepCallback | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, trace: list | None = None) -> torch.Tensor:
+        """The guided sampler loop; ``trace`` (a list) receives the latents after each step."""
         dit = self.model.dit
         dtype = dit.proj_out.weight.dtype
         c = self.config.vae.latent_channels
-        gen = torch.Generator("cpu").manual_seed(req.seed)
+        noise_of = SeededNoise(req.seed)
         sampler = make_sampler(req.sampler, req.steps, device=self.device)
         shape = req.latent_shape(self.config)
-        x = (torch.randn(shape, generator=gen) * sampler.init_noise_sigma).to(self.device)
+        x = (torch.from_numpy(noise_of(shape)) * sampler.init_noise_sigma).to(self.device)
         inpaint = self.inpaint_latents(req)
         clip = self.clip_condition(req)
         guided = req.guidance_scale != 1.0
@@ -250,8 +185,10 @@ class ReferencePipeline:
                                   dit.config.prediction_type)
             noise = None
             if sampler.needs_noise:
-                noise = torch.randn(shape, generator=gen).to(self.device)
+                noise = torch.from_numpy(noise_of(shape)).to(self.device)
             x = sampler.step(i, x, eps, noise)
+            if trace is not None:
+                trace.append(x.detach().cpu().clone())
             if callback is not None:
                 callback(i + 1, req.steps)
         return x

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import atomic_save_safetensors, atomic_write_text, staged_dir
-from .config import PRESETS, DiTConfig, ModelConfig, VAEConfig, from_preset
+from .config import PRESETS, DiTConfig, ModelConfig, VAEConfig, from_preset, preset_name  # noqa: F401
 from .dit import VideoDiT, sincos_1d_interleaved
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .upstream import dit_fields, upstream_config
@@ -91,17 +91,6 @@ def random_model(config: ModelConfig, seed: int = 0, tokenizer_dir: str | Path |
         text = TextEncoder(config.text_encoder, tokenizer)
         model = EasyAnimateModel(config, text, SliceVAE(config.vae), VideoDiT(config.dit))
     return model.eval()
-
-
-def preset_name(source: str | Path) -> str:
-    """``source`` as a preset name; a path-like ``source`` that is not a directory is a
-    missing model directory, not a preset."""
-    path = Path(source)
-    if str(source) not in PRESETS and (path.suffix or len(path.parts) > 1 or path.exists()):
-        raise CheckpointError(f"model directory not found: {source} (and it is not a preset name; "
-                              f"presets: {sorted(PRESETS)})")
-    from_preset(str(source))  # an unknown name: the error lists the presets
-    return str(source)
 
 
 def load_model_or_preset(source: str | Path, seed: int = 0, preset: str | None = None,

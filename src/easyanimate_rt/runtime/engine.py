@@ -23,6 +23,8 @@ class Engine(Protocol):
 
     def io_specs(self) -> dict[str, Any]: ...
 
+    def covers(self, dims: Mapping[str, int]) -> bool: ...
+
     def profiles(self) -> Sequence[Profile]: ...
 
     def prepare(self, shapes: Mapping[str, tuple[int, ...]], cuda_graph: bool = False) -> None: ...
@@ -44,13 +46,16 @@ class EngineBase:
     def profiles(self) -> Sequence[Profile]:
         return tuple(self._profiles) or tuple(self.spec.profiles)
 
+    def covers(self, dims: Mapping[str, int]) -> bool:
+        """Whether some profile holds these dimension values (``{"batch": 2, ...}``)."""
+        return any(all(lo <= dims[n] <= hi for n, (lo, _, hi) in p.dims.items()) for p in self.profiles())
+
     def check(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
         """Dimension values of ``shapes``; a ShapeError naming the built shapes when no
         profile holds them."""
         dims = self.spec.dims_of(shapes)
-        for p in self.profiles():
-            if all(lo <= dims[n] <= hi for n, (lo, _, hi) in p.dims.items()):
-                return dims
+        if self.covers(dims):
+            return dims
         built = ", ".join("x".join(str(v[1]) for v in p.dims.values()) for p in self.profiles())
         raise ShapeError(f"{self.spec.key}: shape {dims} is outside every profile this engine was built for "
                          f"({built}); rebuild with those buckets (`easyanimate-rt build --buckets ...`)")

@@ -1,161 +1,429 @@
 """The runtime pipeline: text -> video on engines (DESIGN.md 4), checked against the
 reference pipeline it reimplements.
 
-1. tokenize the prompt and the negative prompt; run the text-encoder engine;
-2. initial latents from the seed (the reference's generator, so the same seed gives the
-   same video);
-3. denoising loop: the reference samplers (reference/samplers.py) around the DiT
-   engine, batched classifier-free guidance;
-4. decode slice by slice through the slice-decoder engines (one per variant), frames
-   streamed to uint8.
+1. tokenize the prompt and the negative prompt (runtime/tokenizer.py); run the
+   text-encoder engine;
+2. initial latents from the seed: the reference's noise stream (schedule.SeededNoise),
+   so a seed gives the reference's video;
+3. denoising loop: the reference's sampler definitions (reference/schedule.py) around
+   the DiT engine; guidance batched (one batch-2 call) or sequential (two batch-1
+   calls); the latents go into one persistent input buffer per step;
+4. decode slice by slice through the slice-decoder engines (one per variant), each
+   slice's frames streamed to the video writer as they come (constant memory).
 
-First slice of the runtime issue: the torch and ONNX Runtime CPU backends; compile on
-first use builds the ORT engines for the request's bucket into the engine cache.
+Engines come from a directory per (model, backend, precision, guidance) in the engine
+cache, named by a fingerprint of the model's files, so a changed model never meets a
+stale engine; every engine's manifest is checked on load (engines.build.check_network:
+artefact hash, library version, CPU/GPU, source graph). On first use, or for a size no
+engine was built for, the missing engines are exported and built (compile on first
+use); with ``compile=False`` such a request is a ShapeError naming the built sizes.
+
+With cached ONNX Runtime engines and a model directory, nothing here imports torch or
+transformers: start-up is onnxruntime, tokenizers and numpy. The torch backend (and a
+preset's random weights) use the reference modules.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
-import torch
 
-from ..engines.buckets import Bucket
+from ..engines.buckets import Bucket, bucket_shapes, graphs_needed
 from ..engines.cache import EngineCache
-from ..errors import InputError
-from ..export.spec import decoder_variant, make_specs
-from ..media import save_video, to_uint8
-from ..reference.config import ModelConfig
-from ..reference.pipeline import GenerationRequest, default_request
-from ..reference.samplers import make_sampler
+from ..engines.manifest import read_index
+from ..errors import CheckpointError, EasyAnimateError, EngineError, InputError, ShapeError
+from ..export.spec import decoder_variant
+from ..media import VideoWriter, check_output_path, frames_to_uint8, save_video
+from ..reference.config import ModelConfig, from_preset, model_fingerprint, preset_name
+from ..reference.request import GenerationRequest, default_request
+from ..reference.schedule import NumpySampler, SeededNoise
+from .budget import check_budget
 from .engine import Engine
 
 log = logging.getLogger(__name__)
 
+NETWORKS = ("text_encoder", "dit", "vae")
 BACKENDS = ("auto", "torch", "ort")
+ENGINE_BACKEND = {"ort": "ort-cpu"}  # runtime backend -> engines.build backend
+CONFIG_NAME = "easyanimate_rt.json"
+StepCallback = Callable[[int, int], None]
+
+
+def parse_backend(text: str) -> dict[str, str]:
+    """``"ort"`` -> every network on ONNX Runtime; ``"dit=ort,vae=torch"`` -> per network
+    (networks not named run on ``auto``). ``auto`` is ONNX Runtime on this CPU build."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"backend must be one of {list(BACKENDS)} or NETWORK=BACKEND pairs, got {text!r}")
+    if "=" not in text:
+        choice = dict.fromkeys(NETWORKS, text.strip())
+    else:
+        choice = dict.fromkeys(NETWORKS, "auto")
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            if name not in NETWORKS:
+                raise InputError(f"backend: unknown network {name!r} in {text!r}; networks: {list(NETWORKS)}")
+            choice[name] = value
+    for name, value in choice.items():
+        if value not in BACKENDS:
+            raise InputError(f"backend for {name} must be one of {list(BACKENDS)}, got {value!r}")
+    return {name: "ort" if value == "auto" else value for name, value in choice.items()}
+
+
+def network_of(key: str) -> str:
+    return "vae" if key.startswith("vae") else key
+
+
+def read_config(source: str | Path) -> ModelConfig | None:
+    """The model's config without torch: ``easyanimate_rt.json`` or a preset; None for a
+    directory that needs the loader (an upstream release directory)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            return None
+        try:
+            return ModelConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        except Exception as exc:
+            raise CheckpointError(f"{path / CONFIG_NAME} is not a valid model config: {exc}") from None
+    return from_preset(preset_name(source))
 
 
 @dataclass
 class Video:
-    frames: np.ndarray  # (F, H, W, 3) uint8
+    frames: np.ndarray | None  # (F, H, W, 3) uint8; None when streamed to a file
     fps: int
-    latents: torch.Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    latents: np.ndarray | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
 
     def save(self, path: str | Path) -> Path:
+        if self.frames is None:
+            raise InputError("this video was streamed to a file; it holds no frames to save")
         return save_video(self.frames, path, self.fps)
 
 
 class Pipeline:
     """Text -> video on a set of engines (see the module docstring)."""
 
-    def __init__(self, config: ModelConfig, engines: Mapping[str, Engine], tokenize: Callable, backend: str):
+    def __init__(self, config: ModelConfig, source: str | Path, tokenizer: Callable, backends: Mapping[str, str], *,
+                 cache: EngineCache, engine_dir: Path | None = None, precision: str = "fp32",
+                 threads: int | None = None, seed: int = 0, compile: bool = True, fingerprint: str = "",
+                 progress: Callable[[str], None] | None = None, model=None):
         self.config = config
-        self.engines = dict(engines)
-        self.tokenize = tokenize  # prompts -> (input_ids, attention_mask) int64 (B, S)
-        self.backend = backend
+        self.source = source
+        self.tokenize = tokenizer  # prompts -> (input_ids, attention_mask) int64 (B, S)
+        self.backends = dict(backends)
+        self.cache = cache
+        self.precision = precision
+        self.threads = threads
+        self.seed = seed
+        self.compile = compile
+        self.fingerprint = fingerprint
+        self.progress = progress
+        self._engine_dir = Path(engine_dir) if engine_dir is not None else None
+        self._model = model
+        self.engines: dict[tuple[str, str], Engine] = {}  # (guidance, key) -> engine
+        self.timings: dict[str, float] = {}
+
+    # --- construction --------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, source: str | Path, backend: str = "auto", engine_dir: str | Path | None = None,
-                        cache_dir: str | Path | None = None, buckets: list[Bucket] | None = None,
-                        threads: int | None = None, seed: int = 0) -> "Pipeline":
-        """``source``: a model directory or preset. ``ort`` (``auto`` on a CPU machine)
-        builds the engines the buckets need on first use (default: the model's default
-        size) into the engine cache; later calls load them."""
-        from ..reference.weights import load_model_or_preset
-
-        if backend not in BACKENDS:
-            raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        backend = "ort" if backend == "auto" else backend
-        model = load_model_or_preset(source, seed=seed)
-        config = model.config
+                        cache_dir: str | Path | None = None, precision: str = "fp32",
+                        buckets: list[Bucket] | None = None, threads: int | None = None, seed: int = 0,
+                        compile: bool = True, guidance: str = "batched",
+                        progress: Callable[[str], None] | None = None) -> "Pipeline":
+        """``source``: a model directory or preset name. Loads (or, on first use, builds)
+        the engines ``buckets`` need (default: the model's default size)."""
+        t0 = time.perf_counter()
+        backends = parse_backend(backend)
+        if precision != "fp32" and "ort" in backends.values():
+            raise InputError(f"ONNX Runtime CPU engines run fp32; got precision {precision!r}")
+        path = Path(source)
+        config = read_config(source)
+        model = None
+        if config is None or "torch" in backends.values():
+            model = _load_model(source, seed)
+            config = model.config
         if config.dit.inpaint:
-            raise InputError(f"the runtime does not run InP models yet ({config.name!r}); use the reference "
-                             f"pipeline (easyanimate_rt.ReferencePipeline)")
+            raise InputError(f"the runtime does not run InP models yet ({config.name!r}); use --backend reference "
+                             f"(easyanimate_rt.ReferencePipeline)")
+        fingerprint = model_fingerprint(source, seed)
+        cache = EngineCache(cache_dir)
+        tok_dir = path / "tokenizer" if path.is_dir() else None
+        pipe = cls(config, source, None, backends, cache=cache, engine_dir=engine_dir, precision=precision,
+                   threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
+                   model=model)
+        for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
+            pipe.ensure(b, guidance)
+        if tok_dir is None:  # a preset: the tokenizer the engines were built with
+            tok_dir = pipe.engine_dir(guidance) / "tokenizer"
+        from .tokenizer import Tokenizer
 
-        def tokenize(prompts):
-            ids, mask = model.text_encoder.tokenize(prompts)
-            return ids.numpy().astype(np.int64), mask.numpy().astype(np.int64)
+        pipe.tokenize = Tokenizer(tok_dir, config.text_encoder.max_length)
+        pipe.timings["load"] = time.perf_counter() - t0
+        log.info("runtime: %s on %s (%.2fs to load)", config.name, pipe.describe(), pipe.timings["load"])
+        return pipe
 
-        if backend == "torch":
-            from .backends.torch import TorchEngine
+    def describe(self) -> str:
+        if len(set(self.backends.values())) == 1:
+            return next(iter(self.backends.values()))
+        return ",".join(f"{k}={v}" for k, v in self.backends.items())
 
-            engines = {s.key: TorchEngine(model, s) for s in make_specs(config)}
-            return cls(config, engines, tokenize, backend)
-        from ..engines.build import build_engines
+    def engine_dir(self, guidance: str) -> Path:
+        if self._engine_dir is not None:
+            return self._engine_dir / guidance
+        return (self.cache.root / "models" / f"{self.config.name}-{self.fingerprint[:16]}"
+                / f"ort-cpu-{self.precision}-{guidance}")
+
+    def model(self):
+        """The reference model (torch), loaded on first need: the torch backend, builds."""
+        if self._model is None:
+            self._model = _load_model(self.source, self.seed)
+        return self._model
+
+    # --- engines ---------------------------------------------------------------------------
+
+    def ensure(self, bucket: Bucket, guidance: str = "batched") -> None:
+        """Engines for every graph ``bucket`` runs with ``guidance``: loaded, built into the
+        engine cache (compile on first use), or a ShapeError naming what was built."""
+        shapes = bucket_shapes(self.config, bucket, guidance)
+        missing = [k for k in graphs_needed([shapes]) if not self._covers(guidance, k, shapes.dims[k])]
+        ort_missing = [k for k in missing if self.backends[network_of(k)] == "ort"]
+        for key in missing:
+            if self.backends[network_of(key)] == "torch":
+                from .backends.torch import TorchEngine
+
+                self.engines[(guidance, key)] = TorchEngine(self.model(), _spec(self.config, key))
+        if not ort_missing:
+            return
+        directory = self.engine_dir(guidance)
+        if self._load_dir(directory, guidance, ort_missing, shapes.dims):
+            return
+        built = self._built_buckets(directory)
+        if not self.compile:
+            raise ShapeError(f"no engines for {bucket.name} ({guidance} guidance); built: "
+                             f"{', '.join(built) or 'none'}; build them with `easyanimate-rt build --buckets "
+                             f"{bucket.name}` or allow compile on first use")
+        self._build(directory, sorted(set(built) | {bucket.name}), guidance)
+        if not self._load_dir(directory, guidance, ort_missing, shapes.dims):
+            raise EngineError(f"{directory}: the engines just built do not cover {bucket.name}")
+
+    def _covers(self, guidance: str, key: str, dims: Mapping[str, int]) -> bool:
+        engine = self.engines.get((guidance, key))
+        return engine is not None and engine.covers(dims)
+
+    @staticmethod
+    def _built_buckets(directory: Path) -> list[str]:
+        try:
+            return list(read_index(directory).get("buckets", []))
+        except EasyAnimateError:
+            return []
+
+    def _load_dir(self, directory: Path, guidance: str, keys: list[str], dims: Mapping[str, Mapping[str, int]]
+                  ) -> bool:
+        """Load ``keys`` from an engine directory built for this model; False when it is
+        missing, for another model, stale for this machine, or lacks a shape."""
         from ..export.index import load_export
         from .backends.ort import OrtEngine
 
-        s = config.sampling
-        buckets = buckets or [Bucket(s.height, s.width, s.frames)]
-        cache = EngineCache(cache_dir)
-        out = Path(engine_dir) if engine_dir is not None else cache.root / "dirs" / config.name
-        results = build_engines(source, out, "ort-cpu", buckets, cache=cache, model=model, threads=threads, seed=seed)
-        index = load_export(out / "export") if (out / "export").is_dir() else load_export(source)
-        engines = {r.key: OrtEngine(out / r.key, index.specs[r.key], index.path(r.key), threads) for r in results}
-        return cls(config, engines, tokenize, backend)
+        try:
+            index = read_index(directory)
+        except EasyAnimateError:
+            return False
+        if index.get("source_sha256") != self.fingerprint:
+            log.info("%s was built for another model; rebuilding", directory)
+            return False
+        try:
+            export = load_export(index["export"])
+            loaded = {}
+            for key in keys:
+                entry = index["networks"].get(key)
+                if entry is None:
+                    return False
+                engine = OrtEngine(directory / entry["dir"], export.specs[key], export.path(key), self.threads)
+                if not engine.covers(dims[key]):
+                    return False
+                loaded[key] = engine
+        except EngineError as exc:  # a library upgrade, another CPU, a changed file: rebuild
+            log.warning("cached engines in %s cannot be used (%s); rebuilding", directory, exc)
+            return False
+        except (KeyError, OSError, EasyAnimateError) as exc:
+            log.warning("engine directory %s is incomplete (%s); rebuilding", directory, exc)
+            return False
+        for key, engine in loaded.items():
+            self.engines[(guidance, key)] = engine
+        return True
+
+    def _build(self, directory: Path, buckets: list[str], guidance: str) -> None:
+        from ..engines.build import build_engines
+
+        t0 = time.perf_counter()
+        if self.progress:
+            self.progress(f"first use: exporting and building engines for {', '.join(buckets)} into {directory}")
+        build_engines(self.source, directory, ENGINE_BACKEND["ort"], [Bucket.parse(b) for b in buckets],
+                      guidance=guidance, precision=self.precision, cache=self.cache, model=self.model(),
+                      threads=self.threads, seed=self.seed, progress=self.progress,
+                      index_info={"source_sha256": self.fingerprint})
+        if not Path(self.source).is_dir():
+            self.model().text_encoder.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        self.timings["build"] = self.timings.get("build", 0.0) + time.perf_counter() - t0
+
+    def engine(self, key: str, guidance: str = "batched") -> Engine:
+        try:
+            return self.engines[(guidance, key)]
+        except KeyError:
+            raise ShapeError(f"no {key} engine for {guidance} guidance; build engines for this size "
+                             f"(`easyanimate-rt build --buckets HxWxF`)") from None
+
+    # --- generation ------------------------------------------------------------------------
 
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
         return default_request(self.config, prompt, **kwargs)
 
-    def _engine(self, key: str) -> Engine:
-        if key not in self.engines:
-            raise InputError(f"no {key} engine for this request; build engines for its size "
-                             f"(`easyanimate-rt build --buckets HxWxF`)")
-        return self.engines[key]
+    def prepare(self, req: GenerationRequest, max_tokens: int | None = None) -> None:
+        """Every check a request must pass before any work: the request's rules, the
+        memory budget, engines for its size (built now if compile on first use)."""
+        req.validate(self.config)
+        if req.image is not None:
+            raise InputError("the runtime runs text-to-video; image-to-video needs --backend reference")
+        check_budget(self.config, req, max_tokens)
+        self.ensure(Bucket(req.height, req.width, req.frames), self._guidance(req))
 
-    @torch.no_grad()
+    @staticmethod
+    def _guidance(req: GenerationRequest) -> str:
+        return "sequential" if req.guidance_mode == "sequential" or req.guidance_scale == 1.0 else "batched"
+
+    def encode(self, req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (2, S, E), mask (2, S)) for [negative, positive]."""
+        guidance = self._guidance(req)
+        ids, mask = self.tokenize([req.negative_prompt, req.prompt])
+        engine = self.engine("text_encoder", guidance)
+        if guidance == "batched":
+            emb = np.asarray(engine.run({"input_ids": ids, "attention_mask": mask})["text_embeddings"], np.float32)
+        else:
+            emb = np.concatenate([np.asarray(engine.run({"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]})
+                                             ["text_embeddings"], np.float32) for i in range(2)])
+        return emb, mask
+
     def denoise(self, req: GenerationRequest, emb: np.ndarray, mask: np.ndarray,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, step_times: list[float] | None = None,
+                trace: list | None = None) -> np.ndarray:
+        """The reference's denoising loop on the DiT engine; float32 latents (1, C, F, h, w).
+        ``step_times`` and ``trace`` (lists) receive each step's seconds and latents."""
         c = self.config.vae.latent_channels
-        gen = torch.Generator("cpu").manual_seed(req.seed)
-        sampler = make_sampler(req.sampler, req.steps)
+        g = req.guidance_scale
+        guidance = self._guidance(req)
+        batched = guidance == "batched"
+        dit = self.engine("dit", guidance)
+        sampler = NumpySampler(req.sampler, req.steps)
+        noise_of = SeededNoise(req.seed)
         shape = req.latent_shape(self.config)
-        x = torch.randn(shape, generator=gen) * sampler.init_noise_sigma
-        dit = self._engine("dit")
-        dit.prepare({"latents": (2, *shape[1:]), "timestep": (2,), "text": emb.shape, "text_mask": mask.shape})
+        x = noise_of(shape) * np.float32(sampler.init_noise_sigma)
+        batch = 2 if batched else 1
+        latents = np.empty((batch, *shape[1:]), np.float32)  # persistent input buffers
+        timestep = np.empty((batch,), np.float32)
+        branches = [(emb, mask)] if batched else [(emb[i:i + 1], mask[i:i + 1]) for i in range(2)]
+        if g == 1.0:
+            branches = branches[1:]  # unguided: the positive branch alone
         for i in range(req.steps):
-            t = sampler.timesteps[i]
-            xin = sampler.scale_model_input(x, i).float()
-            feeds = {"latents": np.repeat(xin.numpy(), 2, axis=0),
-                     "timestep": np.full((2,), float(t), np.float32), "text": emb, "text_mask": mask}
-            out = torch.from_numpy(np.asarray(dit.run(feeds)["noise_pred"])[:, :c].copy())
-            out_u, out_c = out.chunk(2)
-            eps = sampler.epsilon(i, xin, out_u + req.guidance_scale * (out_c - out_u),
-                                  self.config.dit.prediction_type)
-            noise = torch.randn(shape, generator=gen) if sampler.needs_noise else None
-            x = sampler.step(i, x, eps, noise)
+            t0 = time.perf_counter()
+            xin = sampler.scale_model_input(x, i)
+            latents[:] = xin
+            timestep[:] = sampler.timesteps[i]
+            outs = [np.asarray(dit.run({"latents": latents, "timestep": timestep, "text": e, "text_mask": m})
+                               ["noise_pred"])[:, :c] for e, m in branches]
+            out = np.concatenate(outs) if len(outs) > 1 else outs[0]
+            out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
+            eps = sampler.epsilon(i, xin, out_u + g * (out_c - out_u), self.config.dit.prediction_type)
+            x = sampler.step(i, x, eps, noise_of(shape) if sampler.needs_noise else None)
+            if step_times is not None:
+                step_times.append(time.perf_counter() - t0)
+            if trace is not None:
+                trace.append(x.copy())
             if callback is not None:
                 callback(i + 1, req.steps)
         return x
 
-    def iter_frames(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+    def iter_frames(self, latents: np.ndarray, guidance: str = "batched") -> Iterator[np.ndarray]:
         """uint8 frames (n, H, W, 3), one decoder slice at a time."""
-        z = latents.numpy()
+        z = np.asarray(latents, np.float32)
         for s in self.config.vae.slice_plan(z.shape[2]):
-            engine = self._engine(f"vae_decoder/{decoder_variant(self.config, s)}")
-            frames = engine.run({"context": z[:, :, s.ctx_start:s.ctx_end]})["frames"]
-            yield to_uint8(torch.from_numpy(np.asarray(frames)[0]))
+            engine = self.engine(f"vae_decoder/{decoder_variant(self.config, s)}", guidance)
+            frames = engine.run({"context": np.ascontiguousarray(z[:, :, s.ctx_start:s.ctx_end])})["frames"]
+            yield frames_to_uint8(np.asarray(frames)[0])
 
-    def __call__(self, prompt: str, callback: Callable[[int, int], None] | None = None, **kwargs) -> Video:
-        req = self.request(prompt, **kwargs)
-        req.validate(self.config)
-        if req.guidance_mode != "batched" or req.image is not None:
-            raise InputError("the runtime runs batched guidance text-to-video for now (guidance_mode='batched', "
-                             "no image)")
-        timings: dict[str, float] = {}
+    def _run(self, req: GenerationRequest, callback: StepCallback | None, sink: Callable[[np.ndarray], None] | None,
+             max_tokens: int | None) -> Video:
         t0 = time.perf_counter()
-        ids, mask = self.tokenize([req.negative_prompt, req.prompt])
-        emb = self._engine("text_encoder").run({"input_ids": ids, "attention_mask": mask})["text_embeddings"]
-        timings["text"] = time.perf_counter() - t0
-        latents = self.denoise(req, np.asarray(emb, np.float32), mask, callback)
-        timings["denoise"] = time.perf_counter() - t0 - timings["text"]
-        frames = np.concatenate(list(self.iter_frames(latents)), axis=0)
-        timings["decode"] = time.perf_counter() - t0 - timings["text"] - timings["denoise"]
+        self.prepare(req, max_tokens)
+        timings: dict[str, Any] = {"load": self.timings.get("load", 0.0), "prepare": time.perf_counter() - t0}
+        t = time.perf_counter()
+        emb, mask = self.encode(req)
+        timings["text"] = time.perf_counter() - t
+        t = time.perf_counter()
+        steps: list[float] = []
+        latents = self.denoise(req, emb, mask, callback, steps)
+        timings["denoise"], timings["steps"] = time.perf_counter() - t, steps
+        t, write = time.perf_counter(), 0.0
+        chunks = []
+        for chunk in self.iter_frames(latents, self._guidance(req)):
+            if sink is None:
+                chunks.append(chunk)
+            else:
+                w = time.perf_counter()
+                sink(chunk)
+                write += time.perf_counter() - w
+        timings["decode"], timings["write"] = time.perf_counter() - t - write, write
+        frames = np.concatenate(chunks) if chunks else None
         return Video(frames, self.config.sampling.fps, latents, timings)
 
+    def run(self, req: GenerationRequest, callback: StepCallback | None = None, max_tokens: int | None = None
+            ) -> Video:
+        return self._run(req, callback, None, max_tokens)
+
+    def __call__(self, prompt: str, callback: StepCallback | None = None, **kwargs) -> Video:
+        return self.run(self.request(prompt, **kwargs), callback)
+
     generate = __call__
+
+    def generate_to(self, path: str | Path, req: GenerationRequest, callback: StepCallback | None = None,
+                    max_tokens: int | None = None) -> Video:
+        """Generate ``req`` and stream its frames into ``path`` as each decoder slice comes
+        (the file appears complete or not at all). Returns the timings, no frames."""
+        check_output_path(path)
+        req.validate(self.config)
+        writer = VideoWriter(path, self.config.sampling.fps).__enter__()
+        try:
+            video = self._run(req, callback, writer.write, max_tokens)
+        except BaseException as exc:  # Ctrl-C included: no partial file
+            writer.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        t = time.perf_counter()
+        writer.__exit__(None, None, None)  # ffmpeg's flush, then the rename into place
+        video.timings["write"] += time.perf_counter() - t
+        video.path = Path(path)
+        return video
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
+
+def _spec(config: ModelConfig, key: str):
+    from ..export.spec import make_specs
+
+    return next(s for s in make_specs(config) if s.key == key)
+
+
+def _load_model(source: str | Path, seed: int):
+    from ..reference.weights import load_model_or_preset
+
+    return load_model_or_preset(source, seed=seed)

@@ -1,0 +1,85 @@
+"""A generation request and its rules, without torch (the runtime's start-up path reads
+it too). Every rule is checked before any work starts; a broken one is an InputError
+naming the rule and the value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+from .config import ModelConfig
+from .schedule import SAMPLER_NAMES, check_sampler, check_seed, training_schedule
+
+# Classifier-free guidance past ~20 saturates any model; 100 is a typo, not a setting.
+MAX_GUIDANCE = 100.0
+
+GUIDANCE_MODES = ("batched", "sequential")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One text-to-video request, validated on construction."""
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 384
+    width: int = 672
+    frames: int = 144
+    steps: int = 30
+    guidance_scale: float = 6.0
+    sampler: str = "dpm++"
+    seed: int = 0
+    guidance_mode: str = "batched"
+    # image-to-video: the start frame, uint8 (height, width, 3); InP models only.
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # share of the last steps that see the CLIP image embedding (upstream default 0.5)
+    clip_apply_ratio: float = 0.5
+
+    def validate(self, config: ModelConfig) -> None:
+        if not isinstance(self.prompt, str):
+            raise InputError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not isinstance(self.negative_prompt, str):
+            raise InputError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+        mult = config.pixel_multiple
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0 or v % mult:
+                raise InputError(f"{name} must be a positive multiple of {mult}, got {v!r}")
+        config.vae.check_frames(self.frames)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GUIDANCE:
+            raise InputError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE}], got {g!r}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise InputError(f"unknown sampler {self.sampler!r}; known samplers: {sorted(SAMPLER_NAMES)}")
+        check_sampler(self.sampler, self.steps, training_schedule())
+        check_seed(self.seed)
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise InputError(f"guidance_mode must be one of {list(GUIDANCE_MODES)}, got {self.guidance_mode!r}")
+        if not 0.0 <= self.clip_apply_ratio <= 1.0:
+            raise InputError(f"clip_apply_ratio must be in [0, 1], got {self.clip_apply_ratio!r}")
+        if self.image is not None:
+            if not config.dit.inpaint:
+                raise InputError(f"image-to-video needs an InP model (a DiT with mask and masked-video "
+                                 f"inputs, e.g. the v3 presets); {config.name!r} is text-to-video only")
+            image = np.asarray(self.image)
+            if image.dtype != np.uint8 or image.shape != (self.height, self.width, 3):
+                raise InputError(f"image must be uint8 of shape ({self.height}, {self.width}, 3) (the video's "
+                                 f"height x width, RGB), got {image.dtype} {image.shape}")
+
+    def latent_shape(self, config: ModelConfig) -> tuple[int, int, int, int, int]:
+        s = config.vae.spatial_compression
+        return (1, config.vae.latent_channels, config.vae.latent_frames(self.frames),
+                self.height // s, self.width // s)
+
+
+def default_request(config: ModelConfig, prompt: str, **kwargs) -> GenerationRequest:
+    """A request with ``config``'s sampling defaults where ``kwargs`` give None or nothing."""
+    d = config.sampling
+    base = dict(negative_prompt=d.negative_prompt, height=d.height, width=d.width, frames=d.frames,
+                steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
+    base.update({k: v for k, v in kwargs.items() if v is not None})
+    return GenerationRequest(prompt=prompt, **base)

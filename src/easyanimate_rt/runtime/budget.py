@@ -1,0 +1,93 @@
+"""Refuse requests that cannot fit before any work: DiT tokens against ``max_tokens``
+and an estimate of the memory one generation holds at its peak against what the
+machine has.
+
+The estimate is deliberately simple and errs high on nothing that matters: weights
+(float32 DiT and T5 parameters from the config), the activations of one DiT block for the
+guidance batch (residual stream, q/k/v, the MLP's 4x hidden, and the attention score
+matrix that ONNX Runtime CPU materialises: per-frame spatial attention F x S^2, global
+attention (V3's hybrid blocks) (F S)^2, temporal attention S x F^2, all per head), and
+one decoder slice. It is there to stop a 2048 x 2048 x 1440 typo from swapping the
+machine for an hour, not to predict the allocator; a request within 2x of the limit
+still runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import InputError
+from ..reference.config import ModelConfig
+from ..reference.request import GenerationRequest
+
+FLOAT = 4
+
+
+def dit_tokens(config: ModelConfig, req: GenerationRequest) -> tuple[int, int, int]:
+    """(latent frames, spatial tokens per frame, total tokens) of the DiT at ``req``."""
+    s, p = config.vae.spatial_compression, config.dit.patch_size
+    frames = config.vae.latent_frames(req.frames)
+    spatial = (req.height // s // p) * (req.width // s // p)
+    return frames, spatial, frames * spatial
+
+
+def parameter_count(config: ModelConfig) -> int:
+    d = config.dit
+    hidden = d.num_attention_heads * d.attention_head_dim
+    per_block = 4 * hidden * hidden * 2 + 2 * d.mlp_ratio * hidden * hidden  # self + cross attention, MLP
+    if d.motion_module:
+        per_block += 4 * hidden * hidden
+    t5 = config.text_encoder
+    text = t5.num_layers * (4 * t5.d_model * t5.num_heads * t5.d_kv + 3 * t5.d_model * t5.d_ff)
+    return d.num_layers * per_block + text  # DiT + T5; the VAE is small beside them
+
+
+def peak_bytes(config: ModelConfig, req: GenerationRequest) -> int:
+    d = config.dit
+    batch = 2 if req.guidance_mode == "batched" and req.guidance_scale != 1.0 else 1
+    frames, spatial, tokens = dit_tokens(config, req)
+    hidden = d.num_attention_heads * d.attention_head_dim
+    stream = batch * tokens * hidden * (6 + 2 * d.mlp_ratio)
+    scores = batch * d.num_attention_heads * frames * spatial * spatial
+    if d.hybrid_global_attention:
+        scores = max(scores, batch * d.num_attention_heads * tokens * tokens)
+    if d.motion_module:
+        scores = max(scores, batch * d.temporal_num_heads * spatial * frames * frames)
+    decode = 3 * 128 * 8 * req.height * req.width * 4  # one slice: 128 channels, ~8 frames, a few buffers
+    return (parameter_count(config) + stream + scores + decode) * FLOAT
+
+
+def available_bytes() -> int | None:
+    """MemAvailable (Linux), else physical memory; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_budget(config: ModelConfig, req: GenerationRequest, max_tokens: int | None = None,
+                 memory_bytes: int | None = None) -> None:
+    """An InputError naming the rule and the numbers when ``req`` cannot fit."""
+    frames, spatial, tokens = dit_tokens(config, req)
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if tokens > max_tokens:
+            raise InputError(f"{req.height}x{req.width}x{req.frames} is {tokens:,} DiT tokens ({frames} latent "
+                             f"frames x {spatial} per frame), over the limit of {max_tokens:,} (--max-tokens); "
+                             f"ask for fewer frames or a smaller size")
+    limit = memory_bytes if memory_bytes is not None else available_bytes()
+    if limit is None:
+        return
+    need = peak_bytes(config, req)
+    if need > 2 * limit:
+        raise InputError(f"{req.height}x{req.width}x{req.frames} would need about {need / 2**30:,.1f} GiB at its "
+                         f"peak ({tokens:,} DiT tokens), but {limit / 2**30:,.1f} GiB are available; ask for fewer "
+                         f"frames or a smaller size, or --guidance-mode sequential")
