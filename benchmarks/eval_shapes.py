@@ -1,6 +1,6 @@
 """Quality of a shapes-world model on held-out attribute combinations.
 
-    python benchmarks/eval_shapes.py [--model DIR] [--prompts 48] [--json out.json]
+    python benchmarks/eval_shapes.py [--model DIR] [--prompts 48] [--backend reference|runtime] [--json out.json]
 
 Prints VAE reconstruction PSNR on held-out clips (and how many keep their colour) and,
 over >= 48 held-out prompts with fixed seeds, the share of videos whose dominant colour
@@ -33,17 +33,27 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="reference", choices=["reference", "runtime"],
+                   help="the PyTorch reference pipeline, or the runtime on its default backend (engines built "
+                        "on first use; the VAE figures come from the reference VAE either way)")
     p.add_argument("--json", help="write the full report here")
     args = p.parse_args(argv)
     model = args.model or default_model()
     pipe = ReferencePipeline.from_pretrained(model, device=args.device)
+    reconstruct = None
+    if args.backend == "runtime":
+        from easyanimate_rt.runtime.pipeline import Pipeline
+        from easyanimate_rt.shapes.evaluate import reference_reconstruct
+
+        reconstruct = reference_reconstruct(pipe)
+        pipe = Pipeline.from_pretrained(model)
     bar = tqdm(total=args.prompts, desc="generating", unit="video")
     t0 = time.perf_counter()
     report = evaluate(pipe, args.prompts, args.vae_clips, args.steps, args.guidance_scale,
-                      progress=lambda i, n: bar.update(1))
+                      progress=lambda i, n: bar.update(1), reconstruct=reconstruct)
     bar.close()
     summary = report.summary()
-    summary.update(model=str(model), device=args.device, threads=torch.get_num_threads(),
+    summary.update(model=str(model), device=args.device, backend=args.backend, threads=torch.get_num_threads(),
                    wall_seconds=time.perf_counter() - t0)
     print(f"{'metric':18s} {'value':>8s} {'target':>8s}")
     ok = True

@@ -131,10 +131,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, frames=args.frames,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
                   guidance_mode=args.guidance_mode, image=image)
+    from .runtime.pipeline import parse_backend, read_config
+
     use_reference = args.backend == "reference" or image is not None or args.device != "cpu"
     if use_reference and args.backend not in ("reference", "auto"):
         raise InputError(f"--backend {args.backend} runs text-to-video on the CPU; image-to-video and --device "
                          f"cuda run on --backend reference for now")
+    if not use_reference:
+        parse_backend(args.backend)
+    config = read_config(model)  # torch-free; None for an upstream release directory
+    if config is not None:  # refuse a bad request before any model or engine loads
+        from .reference.request import default_request
+        from .runtime.budget import check_budget
+
+        req = default_request(config, args.prompt, **kwargs)
+        req.validate(config)
+        check_budget(config, req, args.max_tokens)
+        if not use_reference and config.dit.inpaint:
+            use_reference = True  # the runtime has no InP graphs yet
+            log.warning("%s is an InP model; generating on the reference backend", config.name)
     progress = None if args.quiet else (lambda msg: print(f"[{time.perf_counter() - t_start:5.1f}s] {msg}",
                                                           file=sys.stderr, flush=True))
     if use_reference:
@@ -142,16 +157,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         pipe = ReferencePipeline.from_pretrained(model, device=args.device, clip_model=args.clip_model)
     else:
-        from .runtime.pipeline import Pipeline, read_config
+        from .runtime.pipeline import Pipeline
 
-        config = read_config(model)
-        if config is not None:  # refuse a bad request before any engine loads or builds
-            from .reference.request import default_request
-            from .runtime.budget import check_budget
-
-            req = default_request(config, args.prompt, **kwargs)
-            req.validate(config)
-            check_budget(config, req, args.max_tokens)
         pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines,
                                         cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
                                         compile=not args.no_compile, progress=progress)
@@ -160,6 +167,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(f"model: preset {model!r} with random weights (no trained model given)")
     req = pipe.request(args.prompt, **kwargs)
+    req.validate(pipe.config)
     bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr)
 
     def on_step(i: int, n: int) -> None:

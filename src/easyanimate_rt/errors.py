@@ -34,14 +34,13 @@ class EngineError(EasyAnimateError):
 
 
 class MissingDependencyError(EasyAnimateError, ImportError):
-    """An optional library is needed; the message names the extra to install."""
+    """A library is missing; the message names the extra to install (``extra=""``: a
+    base dependency, so the install itself is incomplete)."""
 
     def __init__(self, package: str, extra: str, purpose: str = ""):
         what = f" for {purpose}" if purpose else ""
-        super().__init__(
-            f"{package} is required{what}; install it with "
-            f'pip install "easyanimate-rt[{extra}]"'
-        )
+        how = f'pip install "easyanimate-rt[{extra}]"' if extra else f"pip install {package} (a base dependency)"
+        super().__init__(f"{package} is required{what}; install it with {how}")
         self.package = package
         self.extra = extra
 

@@ -29,7 +29,7 @@ def import_ort():
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MissingDependencyError("onnxruntime", "export", "ONNX Runtime engines") from None
+        raise MissingDependencyError("onnxruntime", "", "ONNX Runtime engines") from None
     return ort
 
 

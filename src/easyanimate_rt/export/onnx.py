@@ -45,7 +45,7 @@ def _require_onnx() -> None:
         try:
             __import__(module)
         except ImportError:
-            raise MissingDependencyError(package, "export", "ONNX export") from None
+            raise MissingDependencyError(package, "", "ONNX export") from None
 
 
 @contextlib.contextmanager

@@ -104,7 +104,7 @@ def fold_and_cleanup(proto, max_passes: int = 3):
     except ImportError:
         from ..errors import MissingDependencyError
 
-        raise MissingDependencyError("onnx-graphsurgeon", "export", "graph passes") from None
+        raise MissingDependencyError("onnx-graphsurgeon", "", "graph passes") from None
     gs_logger = gs.logger.G_LOGGER
     old_severity = gs_logger.severity
     gs_logger.severity = gs_logger.ERROR

@@ -103,8 +103,13 @@ class TextEncoder(nn.Module):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
             raise InputError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
-        out = self.tokenizer(list(prompts), padding="max_length", max_length=self.config.max_length,
-                             truncation=True, return_tensors="pt")
+        n = self.config.max_length
+        for prompt, length in zip(prompts, (len(ids) for ids in self.tokenizer(list(prompts)).input_ids)):
+            if length > n:
+                log.warning("prompt %r is %d tokens long; the model reads %d, so the first %d were kept "
+                            "(and the end-of-text token)", prompt if len(prompt) <= 60 else prompt[:57] + "...",
+                            length, n, n - 1)
+        out = self.tokenizer(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt")
         return out.input_ids, out.attention_mask                       # (B, S), (B, S)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     if not path.exists():
         raise CheckpointError(f"weights file not found: {path}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it may be truncated or "
+                              f"corrupt") from None
 
 
 # --- our model directory -----------------------------------------------------------------

@@ -162,11 +162,14 @@ class Pipeline:
                    model=model)
         for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
             pipe.ensure(b, guidance)
-        if tok_dir is None:  # a preset: the tokenizer the engines were built with
-            tok_dir = pipe.engine_dir(guidance) / "tokenizer"
-        from .tokenizer import Tokenizer
+        if tok_dir is None and pipe._model is not None:  # a preset in memory: its own tokenizer
+            text = pipe._model.text_encoder
+            pipe.tokenize = lambda prompts: tuple(t.numpy().astype(np.int64) for t in text.tokenize(prompts))
+        else:
+            from .tokenizer import Tokenizer
 
-        pipe.tokenize = Tokenizer(tok_dir, config.text_encoder.max_length)
+            # A preset's tokenizer is saved beside the engines it was built with.
+            pipe.tokenize = Tokenizer(tok_dir or pipe.engine_dir(guidance) / "tokenizer", config.text_encoder.max_length)
         pipe.timings["load"] = time.perf_counter() - t0
         log.info("runtime: %s on %s (%.2fs to load)", config.name, pipe.describe(), pipe.timings["load"])
         return pipe
