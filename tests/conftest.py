@@ -9,6 +9,19 @@ from needs import require
 # Two cores shared by the whole suite: keep intra-op threads low and results repeatable.
 torch.set_num_threads(int(os.environ.get("EASYANIMATE_TEST_THREADS", "2")))
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_engine_cache(tmp_path_factory):
+    """Engines built by tests (and the CLI subprocesses they start) go to a session
+    folder, never to the user's ~/.cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ def test_info_counts_release_parameters():
 
 def test_generate_writes_a_video(tmp_path, capsys):
     out = tmp_path / "v.gif"
-    code = main(["generate", "a red circle", "--model", "tiny", "--height", "32", "--width", "32",
+    code = main(["generate", "a red circle", "--model", "tiny", "--backend", "torch", "--height", "32", "--width", "32",
                  "--frames", "9", "--steps", "2", "--out", str(out), "-q"])
     assert code == 0 and out.stat().st_size > 0
     assert "random weights" in capsys.readouterr().out
