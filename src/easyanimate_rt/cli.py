@@ -105,9 +105,9 @@ def _print_timings(timings: dict, total: float) -> None:
 
 
 def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device != "cpu":
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device not in ("auto", "cpu"):
         import torch
 
         if not torch.cuda.is_available():
@@ -131,12 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, frames=args.frames,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
                   guidance_mode=args.guidance_mode, image=image)
-    from .runtime.pipeline import parse_backend, read_config
+    from .runtime.pipeline import parse_backend, read_config, resolve_device
 
-    use_reference = args.backend == "reference" or image is not None or args.device != "cpu"
+    use_reference = args.backend == "reference" or image is not None
     if use_reference and args.backend not in ("reference", "auto"):
-        raise InputError(f"--backend {args.backend} runs text-to-video on the CPU; image-to-video and --device "
-                         f"cuda run on --backend reference for now")
+        raise InputError(f"--backend {args.backend} runs text-to-video; image-to-video runs on --backend "
+                         f"reference for now")
     if not use_reference:
         parse_backend(args.backend)
     config = read_config(model)  # torch-free; None for an upstream release directory
@@ -155,13 +155,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if use_reference:
         from .reference.pipeline import ReferencePipeline
 
-        pipe = ReferencePipeline.from_pretrained(model, device=args.device, clip_model=args.clip_model)
+        pipe = ReferencePipeline.from_pretrained(model, device=resolve_device(args.device),
+                                                 clip_model=args.clip_model)
     else:
         from .runtime.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines,
                                         cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
-                                        compile=not args.no_compile, progress=progress)
+                                        compile=not args.no_compile, progress=progress, device=args.device,
+                                        cuda_graphs=not args.no_cuda_graphs)
     if Path(model).is_dir():
         print(f"model: {model}")
     else:
@@ -242,14 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help=GENERATE_BACKENDS)
     p.add_argument("--engines", help="engine directory (default: one per model in the engine cache)")
     p.add_argument("--cache-dir", help="engine cache (default: $XDG_CACHE_HOME/easyanimate-rt/engines)")
-    p.add_argument("--precision", default="fp32", help="engine precision (ONNX Runtime CPU: fp32)")
+    p.add_argument("--precision", help="fp32 or fp16 for ONNX Runtime CPU engines (default fp32); fp32, bf16 or "
+                                        "fp16 on a GPU (default bf16)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the cores)")
     p.add_argument("--max-tokens", type=int, help="refuse requests with more DiT tokens than this")
     p.add_argument("--no-compile", action="store_true", help="never export or build engines; a size without "
                                                              "engines is an error")
     p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graph capture (GPU backends)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda for the reference backend on a GPU")
+    p.add_argument("--device", default="auto", help="auto (cuda where visible, else cpu), cpu, or cuda[:N]: the "
+                                                    "torch backend on the GPU, its denoising step in a CUDA graph")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_generate)
 

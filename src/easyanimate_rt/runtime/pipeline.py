@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 NETWORKS = ("text_encoder", "dit", "vae")
 BACKENDS = ("auto", "torch", "ort")
 ENGINE_BACKEND = {"ort": "ort-cpu"}  # runtime backend -> engines.build backend
+ORT_PRECISIONS = ("fp32", "fp16")  # fp16 graphs keep their fp32 islands; ORT CPU runs both
 CONFIG_NAME = "easyanimate_rt.json"
 StepCallback = Callable[[int, int], None]
 
@@ -74,6 +75,20 @@ def parse_backend(text: str) -> dict[str, str]:
         if value not in BACKENDS:
             raise InputError(f"backend for {name} must be one of {list(BACKENDS)}, got {value!r}")
     return {name: "ort" if value == "auto" else value for name, value in choice.items()}
+
+
+def resolve_device(device: str, cpu_backend: bool = False) -> str:
+    """``auto``: cuda when a CUDA device is visible (checked without importing torch on a
+    machine with no NVIDIA driver) and no CPU backend was asked for; else cpu."""
+    if device != "auto":
+        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+            raise InputError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        return device
+    if cpu_backend or not Path("/dev/nvidiactl").exists():
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def network_of(key: str) -> str:
@@ -130,27 +145,45 @@ class Pipeline:
         self._model = model
         self.engines: dict[tuple[str, str], Engine] = {}  # (guidance, key) -> engine
         self.timings: dict[str, float] = {}
+        self.device = "cpu"
+        self.cuda_graphs = True
 
     # --- construction --------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, source: str | Path, backend: str = "auto", engine_dir: str | Path | None = None,
-                        cache_dir: str | Path | None = None, precision: str = "fp32",
+                        cache_dir: str | Path | None = None, precision: str | None = None,
                         buckets: list[Bucket] | None = None, threads: int | None = None, seed: int = 0,
                         compile: bool = True, guidance: str = "batched",
-                        progress: Callable[[str], None] | None = None) -> "Pipeline":
+                        progress: Callable[[str], None] | None = None, device: str = "auto",
+                        cuda_graphs: bool = True) -> "Pipeline":
         """``source``: a model directory or preset name. Loads (or, on first use, builds)
-        the engines ``buckets`` need (default: the model's default size)."""
+        the engines ``buckets`` need (default: the model's default size). ``device``
+        "cuda" runs the torch backend on the GPU (``precision`` fp32, bf16 or fp16) with
+        its denoising step in a CUDA graph (runtime/cuda_graphs.py) unless
+        ``cuda_graphs=False``; "auto" is cuda where a CUDA device is visible (then
+        ``precision`` defaults to bf16), else cpu (fp32)."""
         t0 = time.perf_counter()
+        explicit = backend != "auto"
         backends = parse_backend(backend)
-        if precision != "fp32" and "ort" in backends.values():
-            raise InputError(f"ONNX Runtime CPU engines run fp32; got precision {precision!r}")
+        device = resolve_device(device, explicit and "ort" in backends.values())
+        precision = precision or ("fp32" if device == "cpu" else "bf16")
+        if device != "cpu":
+            if set(backends.values()) != {"torch"}:
+                backends = dict.fromkeys(NETWORKS, "torch")  # the GPU path here is the torch backend
+                log.info("device %s: running every network on the torch backend", device)
+            _check_cuda(device)
+        elif precision not in ORT_PRECISIONS or (precision != "fp32" and "torch" in backends.values()):
+            raise InputError(f"CPU engines run {list(ORT_PRECISIONS)} (ONNX Runtime) or fp32 (torch); got "
+                             f"precision {precision!r}")
         path = Path(source)
         config = read_config(source)
         model = None
         if config is None or "torch" in backends.values():
             model = _load_model(source, seed)
             config = model.config
+            if device != "cpu":
+                model = model.to(device, _torch_dtype(precision))
         if config.dit.inpaint:
             raise InputError(f"the runtime does not run InP models yet ({config.name!r}); use --backend reference "
                              f"(easyanimate_rt.ReferencePipeline)")
@@ -160,6 +193,7 @@ class Pipeline:
         pipe = cls(config, source, None, backends, cache=cache, engine_dir=engine_dir, precision=precision,
                    threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
                    model=model)
+        pipe.device, pipe.cuda_graphs = device, cuda_graphs
         for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
             pipe.ensure(b, guidance)
         if tok_dir is None and pipe._model is not None:  # a preset in memory: its own tokenizer
@@ -250,7 +284,12 @@ class Pipeline:
                 entry = index["networks"].get(key)
                 if entry is None:
                     return False
-                engine = OrtEngine(directory / entry["dir"], export.specs[key], export.path(key), self.threads)
+                # The DiT's threads spin between the loop's small ops (1.6x on the shipped
+                # model); the others' must not, as spinning pools of idle sessions take the
+                # cores from the running one (decode 45 -> 99 ms). One activation arena for
+                # all engines: the decoder variants do not each keep a slice's peak.
+                engine = OrtEngine(directory / entry["dir"], export.specs[key], export.path(key), self.threads,
+                                   spinning=key == "dit", shared_arena=True)
                 if not engine.covers(dims[key]):
                     return False
                 loaded[key] = engine
@@ -296,7 +335,12 @@ class Pipeline:
         req.validate(self.config)
         if req.image is not None:
             raise InputError("the runtime runs text-to-video; image-to-video needs --backend reference")
-        check_budget(self.config, req, max_tokens)
+        memory = None
+        if self.device != "cpu":
+            import torch
+
+            memory = torch.cuda.mem_get_info(torch.device(self.device))[0]
+        check_budget(self.config, req, max_tokens, memory)
         self.ensure(Bucket(req.height, req.width, req.frames), self._guidance(req))
 
     @staticmethod
@@ -320,6 +364,12 @@ class Pipeline:
                 trace: list | None = None) -> np.ndarray:
         """The reference's denoising loop on the DiT engine; float32 latents (1, C, F, h, w).
         ``step_times`` and ``trace`` (lists) receive each step's seconds and latents."""
+        if self.device != "cpu":  # device tensors throughout, the step in a CUDA graph
+            from .cuda_graphs import denoise_on_device
+
+            x = denoise_on_device(self.model(), req, emb, mask, device=self.device, cuda_graph=self.cuda_graphs,
+                                  callback=callback, trace=trace)
+            return x.float().cpu().numpy()
         c = self.config.vae.latent_channels
         g = req.guidance_scale
         guidance = self._guidance(req)
@@ -391,7 +441,17 @@ class Pipeline:
             ) -> Video:
         return self._run(req, callback, None, max_tokens)
 
-    def __call__(self, prompt: str, callback: StepCallback | None = None, **kwargs) -> Video:
+    def __call__(self, prompt: str | list[str], callback: StepCallback | None = None, **kwargs
+                 ) -> Video | list[Video]:
+        """One video, or a list for a list of prompts (generated one after another, each
+        checked before the first starts; seeds ``seed``, ``seed + 1``, ...)."""
+        if isinstance(prompt, (list, tuple)):
+            seed = kwargs.pop("seed", None)
+            seed = 0 if seed is None else seed
+            reqs = [self.request(p, seed=seed + k, **kwargs) for k, p in enumerate(prompt)]
+            for req in reqs:
+                req.validate(self.config)
+            return [self.run(req, callback) for req in reqs]
         return self.run(self.request(prompt, **kwargs), callback)
 
     generate = __call__
@@ -418,6 +478,25 @@ class Pipeline:
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
+
+
+TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _torch_dtype(precision: str):
+    import torch
+
+    if precision not in TORCH_PRECISIONS:
+        raise InputError(f"precision for the torch backend must be one of {list(TORCH_PRECISIONS)}, got {precision!r}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+
+def _check_cuda(device: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: no CUDA device is visible (torch.cuda.is_available() is False)")
 
 
 def _spec(config: ModelConfig, key: str):

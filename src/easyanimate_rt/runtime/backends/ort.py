@@ -17,13 +17,14 @@ class OrtEngine(EngineBase):
     """One network of an engine directory, checked against its manifest before loading."""
 
     def __init__(self, directory: str | Path, spec: ExportSpec, onnx_path: str | Path | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, spinning: bool = False, shared_arena: bool = False):
         directory = Path(directory)
         self.manifest = check_network(directory, onnx_path)
         self.spec = spec
         self._profiles = [Profile(p["name"], {k: tuple(v) for k, v in p["dims"].items()})
                           for p in self.manifest.profiles]
-        self.session = ortb.load(directory, self.manifest.artifact["file"], self.manifest.backend, threads)
+        self.session = ortb.load(directory, self.manifest.artifact["file"], self.manifest.backend, threads,
+                                 spinning=spinning, shared_arena=shared_arena)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
