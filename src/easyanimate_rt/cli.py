@@ -133,10 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   guidance_mode=args.guidance_mode, image=image)
     from .runtime.pipeline import parse_backend, read_config, resolve_device
 
-    use_reference = args.backend == "reference" or image is not None
-    if use_reference and args.backend not in ("reference", "auto"):
-        raise InputError(f"--backend {args.backend} runs text-to-video; image-to-video runs on --backend "
-                         f"reference for now")
+    use_reference = args.backend == "reference"
     if not use_reference:
         parse_backend(args.backend)
     config = read_config(model)  # torch-free; None for an upstream release directory
@@ -147,9 +144,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         req = default_request(config, args.prompt, **kwargs)
         req.validate(config)
         check_budget(config, req, args.max_tokens)
-        if not use_reference and config.dit.inpaint:
-            use_reference = True  # the runtime has no InP graphs yet
-            log.warning("%s is an InP model; generating on the reference backend", config.name)
     progress = None if args.quiet else (lambda msg: print(f"[{time.perf_counter() - t_start:5.1f}s] {msg}",
                                                           file=sys.stderr, flush=True))
     if use_reference:
@@ -163,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines,
                                         cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
                                         compile=not args.no_compile, progress=progress, device=args.device,
-                                        cuda_graphs=not args.no_cuda_graphs)
+                                        cuda_graphs=not args.no_cuda_graphs, clip_model=args.clip_model)
     if Path(model).is_dir():
         print(f"model: {model}")
     else:

@@ -328,8 +328,9 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
                   compute_capability: str | None = None, cache: EngineCache | None = None, model=None,
                   threads: int | None = None, seed: int = 0, flags: dict[str, Any] | None = None,
                   progress: Callable[[str], None] | None = None,
-                  index_info: dict[str, Any] | None = None) -> list[NetworkBuild]:
-    """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring."""
+                  index_info: dict[str, Any] | None = None, encoders: bool = False) -> list[NetworkBuild]:
+    """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring.
+    ``encoders``: also the VAE encoder slices (an InP model's mask and masked-video latents)."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not buckets:
@@ -341,7 +342,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
     source_path = Path(source)
 
     def needed(config: ModelConfig) -> list[str]:
-        return graphs_needed([bucket_shapes(config, b, guidance) for b in buckets])
+        return graphs_needed([bucket_shapes(config, b, guidance, encoders) for b in buckets])
 
     if (source_path / EXPORT_INDEX).is_file():
         index = load_export(source_path)
@@ -353,7 +354,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
             needed(from_preset(preset_name(source)))  # refuse impossible buckets before loading anything
         index = _export_for(str(source), out_dir / "export", precision, needed, seed, progress, model)
     config = ModelConfig.from_dict(index.config)
-    shapes = [bucket_shapes(config, b, guidance) for b in buckets]
+    shapes = [bucket_shapes(config, b, guidance, encoders) for b in buckets]
     keys = graphs_needed(shapes)
     missing = [k for k in keys if k not in index.specs]
     if missing:

@@ -29,9 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_graph: bool = True,
-                      callback: Callable[[int, int], None] | None = None, trace: list | None = None):
+                      callback: Callable[[int, int], None] | None = None, trace: list | None = None,
+                      inpaint=None, clip=None):
     """Final latents (1, C, F, h, w) float32 on ``device``; same noise stream and sampler
-    tables as the reference pipeline. ``emb``/``mask``: (2, S, E)/(2, S) [negative, positive]."""
+    tables as the reference pipeline. ``emb``/``mask``: (2, S, E)/(2, S) [negative, positive];
+    InP models: ``inpaint`` (1, 2C, F, h, w) and ``clip`` ((2, K) embeds, (2, T) mask), as
+    the runtime's ``inpaint_latents``/``clip_condition`` give them (the CLIP inputs are
+    buffers refilled before each step: zeros before the last ``clip_apply_ratio``)."""
     import torch
 
     from ..reference.samplers import make_sampler
@@ -53,24 +57,44 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
         emb, mask = emb[1:], mask[1:]
     index = torch.zeros((), dtype=torch.int64, device=device)
     noise = torch.zeros(shape, device=device)
+    if inpaint is not None:
+        inpaint = torch.as_tensor(inpaint).to(device, dtype)
+    clip_embeds = clip_mask = None
+    if clip is not None:
+        clip_host = [torch.as_tensor(a) for a in clip]
+        clip_embeds = torch.zeros(clip_host[0].shape, device=device, dtype=dtype)
+        clip_mask = torch.zeros(clip_host[1].shape, device=device, dtype=dtype)
+
+    def cond(branch: slice) -> dict:
+        extra = {}
+        n = len(range(2)[branch])
+        if inpaint is not None:
+            extra["inpaint_latents"] = inpaint.expand(n, *inpaint.shape[1:])
+        if clip_embeds is not None:
+            extra["clip_embeds"], extra["clip_mask"] = clip_embeds[branch], clip_mask[branch]
+        return extra
 
     def step() -> None:
         """x <- one sampler step at ``index``, in place (the graph's body)."""
         xin = sampler.scale_model_input(x, index).to(dtype)
         t = sampler.timesteps.index_select(0, index.reshape(1))
         if batched:
-            out = dit(xin.expand(2, *xin.shape[1:]), t.expand(2), emb, mask)[:, :c].float()
+            out = dit(xin.expand(2, *xin.shape[1:]), t.expand(2), emb, mask, **cond(slice(0, 2)))[:, :c].float()
             out_u, out_c = out.chunk(2)
         elif guided:
-            out_u = dit(xin, t, emb[:1], mask[:1])[:, :c].float()
-            out_c = dit(xin, t, emb[1:], mask[1:])[:, :c].float()
+            out_u = dit(xin, t, emb[:1], mask[:1], **cond(slice(0, 1)))[:, :c].float()
+            out_c = dit(xin, t, emb[1:], mask[1:], **cond(slice(1, 2)))[:, :c].float()
         else:
-            out_u = out_c = dit(xin, t, emb, mask)[:, :c].float()
+            out_u = out_c = dit(xin, t, emb, mask, **cond(slice(1, 2)))[:, :c].float()
         eps = sampler.epsilon(index, xin, out_u + g * (out_c - out_u), prediction)
         x.copy_(sampler.step(index, x, eps, noise if sampler.needs_noise else None))
 
     def feed(i: int) -> None:
         index.fill_(i)
+        if clip_embeds is not None:
+            shown = i >= req.steps * (1 - req.clip_apply_ratio)
+            clip_embeds.copy_(clip_host[0] if shown else torch.zeros_like(clip_host[0]))
+            clip_mask.copy_(clip_host[1] if shown else torch.zeros_like(clip_host[1]))
         if sampler.needs_noise:
             noise.copy_(torch.from_numpy(noise_of(shape)), non_blocking=False)
 

@@ -147,6 +147,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.device = "cpu"
         self.cuda_graphs = True
+        self.clip_encoder = None  # image (H, W, 3) uint8 -> (1, K) torch; InP image-to-video
 
     # --- construction --------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class Pipeline:
                         buckets: list[Bucket] | None = None, threads: int | None = None, seed: int = 0,
                         compile: bool = True, guidance: str = "batched",
                         progress: Callable[[str], None] | None = None, device: str = "auto",
-                        cuda_graphs: bool = True) -> "Pipeline":
+                        cuda_graphs: bool = True, clip_model: str | Path | None = None) -> "Pipeline":
         """``source``: a model directory or preset name. Loads (or, on first use, builds)
         the engines ``buckets`` need (default: the model's default size). ``device``
         "cuda" runs the torch backend on the GPU (``precision`` fp32, bf16 or fp16) with
@@ -184,9 +185,6 @@ class Pipeline:
             config = model.config
             if device != "cpu":
                 model = model.to(device, _torch_dtype(precision))
-        if config.dit.inpaint:
-            raise InputError(f"the runtime does not run InP models yet ({config.name!r}); use --backend reference "
-                             f"(easyanimate_rt.ReferencePipeline)")
         fingerprint = model_fingerprint(source, seed)
         cache = EngineCache(cache_dir)
         tok_dir = path / "tokenizer" if path.is_dir() else None
@@ -194,6 +192,12 @@ class Pipeline:
                    threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
                    model=model)
         pipe.device, pipe.cuda_graphs = device, cuda_graphs
+        if clip_model is not None:
+            if not config.dit.clip_channels:
+                raise InputError(f"a CLIP image encoder was given, but {config.name!r} takes no CLIP input")
+            from ..reference.clip import ClipImageEncoder
+
+            pipe.clip_encoder = ClipImageEncoder.from_pretrained(clip_model, "cpu")
         for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
             pipe.ensure(b, guidance)
         if tok_dir is None and pipe._model is not None:  # a preset in memory: its own tokenizer
@@ -230,7 +234,8 @@ class Pipeline:
     def ensure(self, bucket: Bucket, guidance: str = "batched") -> None:
         """Engines for every graph ``bucket`` runs with ``guidance``: loaded, built into the
         engine cache (compile on first use), or a ShapeError naming what was built."""
-        shapes = bucket_shapes(self.config, bucket, guidance)
+        # An InP model encodes a mask and a masked video for every request (text-to-video too).
+        shapes = bucket_shapes(self.config, bucket, guidance, image_to_video=self.config.dit.inpaint)
         missing = [k for k in graphs_needed([shapes]) if not self._covers(guidance, k, shapes.dims[k])]
         ort_missing = [k for k in missing if self.backends[network_of(k)] == "ort"]
         for key in missing:
@@ -312,7 +317,7 @@ class Pipeline:
         build_engines(self.source, directory, ENGINE_BACKEND["ort"], [Bucket.parse(b) for b in buckets],
                       guidance=guidance, precision=self.precision, cache=self.cache, model=self.model(),
                       threads=self.threads, seed=self.seed, progress=self.progress,
-                      index_info={"source_sha256": self.fingerprint})
+                      index_info={"source_sha256": self.fingerprint}, encoders=self.config.dit.inpaint)
         if not Path(self.source).is_dir():
             self.model().text_encoder.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self.timings["build"] = self.timings.get("build", 0.0) + time.perf_counter() - t0
@@ -332,9 +337,7 @@ class Pipeline:
     def prepare(self, req: GenerationRequest, max_tokens: int | None = None) -> None:
         """Every check a request must pass before any work: the request's rules, the
         memory budget, engines for its size (built now if compile on first use)."""
-        req.validate(self.config)
-        if req.image is not None:
-            raise InputError("the runtime runs text-to-video; image-to-video needs --backend reference")
+        req.validate(self.config)  # an image needs an InP model
         memory = None
         if self.device != "cpu":
             import torch
@@ -368,7 +371,8 @@ class Pipeline:
             from .cuda_graphs import denoise_on_device
 
             x = denoise_on_device(self.model(), req, emb, mask, device=self.device, cuda_graph=self.cuda_graphs,
-                                  callback=callback, trace=trace)
+                                  callback=callback, trace=trace, inpaint=self.inpaint_latents(req),
+                                  clip=self.clip_condition(req))
             return x.float().cpu().numpy()
         c = self.config.vae.latent_channels
         g = req.guidance_scale
@@ -382,16 +386,31 @@ class Pipeline:
         batch = 2 if batched else 1
         latents = np.empty((batch, *shape[1:]), np.float32)  # persistent input buffers
         timestep = np.empty((batch,), np.float32)
-        branches = [(emb, mask)] if batched else [(emb[i:i + 1], mask[i:i + 1]) for i in range(2)]
+        branches = [slice(0, 2)] if batched else [slice(0, 1), slice(1, 2)]
         if g == 1.0:
-            branches = branches[1:]  # unguided: the positive branch alone
+            branches = [slice(1, 2)]  # unguided: the positive branch alone
+        inpaint = self.inpaint_latents(req, guidance)
+        clip = self.clip_condition(req)
+
+        def feeds(branch: slice, i: int) -> dict[str, np.ndarray]:
+            """The DiT's inputs for the branches ``branch`` of [negative, positive] at step i."""
+            f = {"latents": latents, "timestep": timestep, "text": emb[branch], "text_mask": mask[branch]}
+            n = len(range(2)[branch])
+            if inpaint is not None:
+                f["inpaint_latents"] = np.ascontiguousarray(np.broadcast_to(inpaint, (n, *inpaint.shape[1:])))
+            if clip is not None:
+                embeds, clip_mask = clip[0][branch], clip[1][branch]
+                if i < req.steps * (1 - req.clip_apply_ratio):  # the CLIP image only in the last steps
+                    embeds, clip_mask = np.zeros_like(embeds), np.zeros_like(clip_mask)
+                f["clip_embeds"], f["clip_mask"] = embeds, clip_mask
+            return f
+
         for i in range(req.steps):
             t0 = time.perf_counter()
             xin = sampler.scale_model_input(x, i)
             latents[:] = xin
             timestep[:] = sampler.timesteps[i]
-            outs = [np.asarray(dit.run({"latents": latents, "timestep": timestep, "text": e, "text_mask": m})
-                               ["noise_pred"])[:, :c] for e, m in branches]
+            outs = [np.asarray(dit.run(feeds(b, i))["noise_pred"])[:, :c] for b in branches]
             out = np.concatenate(outs) if len(outs) > 1 else outs[0]
             out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
             eps = sampler.epsilon(i, xin, out_u + g * (out_c - out_u), self.config.dit.prediction_type)
@@ -403,6 +422,49 @@ class Pipeline:
             if callback is not None:
                 callback(i + 1, req.steps)
         return x
+
+    def inpaint_latents(self, req: GenerationRequest, guidance: str = "batched") -> np.ndarray | None:
+        """(1, 2C, F', h, w) mask + masked-video latents for an InP model, else None; as
+        the reference builds them (ReferencePipeline.inpaint_latents), through the VAE
+        encoder engines slice by slice."""
+        if not self.config.dit.inpaint:
+            return None
+        shape = (1, 3, req.frames, req.height, req.width)
+        generate = np.ones((1, 1, req.frames, 1, 1), np.float32)  # 1 = to generate
+        if req.image is None:
+            video = np.full(shape, -1.0, np.float32)
+        else:
+            image = (np.asarray(req.image, np.float32) / np.float32(127.5) - np.float32(1.0)).transpose(2, 0, 1)
+            video = np.broadcast_to(image[None, :, None], shape)
+            generate[:, :, 0] = 0.0
+        mask = np.broadcast_to(generate, shape)
+        masked = np.where(mask < 0.5, video, np.float32(-1.0)).astype(np.float32)
+
+        def encode(x: np.ndarray) -> np.ndarray:
+            parts = []
+            for a, b in self.config.vae.frame_slices(req.frames):
+                engine = self.engine(f"vae_encoder/{'image' if b - a == 1 else 'slice'}", guidance)
+                parts.append(np.asarray(engine.run({"frames": np.ascontiguousarray(x[:, :, a:b])})["latents"]))
+            return np.concatenate(parts, axis=2)
+
+        return np.concatenate([encode(np.ascontiguousarray(mask, np.float32)), encode(masked)], axis=1)
+
+    def clip_condition(self, req: GenerationRequest) -> tuple[np.ndarray, np.ndarray] | None:
+        """(embeds (2, K), mask (2, T)) for [negative, positive], or None without CLIP input:
+        zeros (hidden) except the positive branch of image-to-video with a CLIP encoder."""
+        d = self.config.dit
+        if not d.clip_channels:
+            return None
+        embeds = np.zeros((2, d.clip_channels), np.float32)
+        clip_mask = np.zeros((2, d.clip_tokens), np.float32)
+        if req.image is not None:
+            if self.clip_encoder is None:
+                log.warning("image-to-video without a CLIP vision model: the DiT gets no CLIP image embedding "
+                            "(as upstream without a clip_image); pass clip_model= to add it")
+            else:
+                embeds[1] = self.clip_encoder(np.asarray(req.image))[0].float().numpy()
+                clip_mask[1] = 1.0
+        return embeds, clip_mask
 
     def iter_frames(self, latents: np.ndarray, guidance: str = "batched") -> Iterator[np.ndarray]:
         """uint8 frames (n, H, W, 3), one decoder slice at a time."""

@@ -27,5 +27,7 @@ class OrtEngine(EngineBase):
                                  spinning=spinning, shared_arena=shared_arena)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        # Each input in the graph's own dtype (a float CLIP mask for an int64 input, say).
+        outs = self.session.run(None, {t.name: np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
+                                       for t in self.spec.inputs})
         return dict(zip(self.spec.output_names, outs))
