@@ -144,8 +144,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         req = default_request(config, args.prompt, **kwargs)
         req.validate(config)
         check_budget(config, req, args.max_tokens)
-    progress = None if args.quiet else (lambda msg: print(f"[{time.perf_counter() - t_start:5.1f}s] {msg}",
-                                                          file=sys.stderr, flush=True))
+    stages: list = []  # a bar over the first-use export and build, made by its first stage
+
+    def progress(msg: str) -> None:
+        if not stages:
+            stages.append(tqdm(desc="first use", unit="stage", file=sys.stderr))
+        stages[0].write(f"[{time.perf_counter() - t_start:5.1f}s] {msg}", file=sys.stderr)
+        stages[0].update(1)
     if use_reference:
         from .reference.pipeline import ReferencePipeline
 
@@ -154,10 +159,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from .runtime.pipeline import Pipeline
 
-        pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines,
+        from .engines.buckets import Bucket
+
+        # Build (first use) or load exactly the engines this request needs.
+        bucket = dict(buckets=[Bucket(req.height, req.width, req.frames)], guidance=Pipeline.guidance_of(req)) \
+            if config is not None else {}
+        pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines, **bucket,
                                         cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
-                                        compile=not args.no_compile, progress=progress, device=args.device,
-                                        cuda_graphs=not args.no_cuda_graphs, clip_model=args.clip_model)
+                                        compile=not args.no_compile, progress=None if args.quiet else progress,
+                                        device=args.device, cuda_graphs=not args.no_cuda_graphs,
+                                        clip_model=args.clip_model)
+    for bar in stages:
+        bar.close()
     if Path(model).is_dir():
         print(f"model: {model}")
     else:

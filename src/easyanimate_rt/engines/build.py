@@ -328,9 +328,12 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
                   compute_capability: str | None = None, cache: EngineCache | None = None, model=None,
                   threads: int | None = None, seed: int = 0, flags: dict[str, Any] | None = None,
                   progress: Callable[[str], None] | None = None,
-                  index_info: dict[str, Any] | None = None, encoders: bool = False) -> list[NetworkBuild]:
+                  index_info: dict[str, Any] | None = None, encoders: bool = False,
+                  export_dir: Path | None = None) -> list[NetworkBuild]:
     """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring.
-    ``encoders``: also the VAE encoder slices (an InP model's mask and masked-video latents)."""
+    ``encoders``: also the VAE encoder slices (an InP model's mask and masked-video latents);
+    ``export_dir``: where a model source is exported (default ``out_dir/export``; graphs of
+    the same model already there are reused)."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not buckets:
@@ -352,7 +355,8 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
 
         if not source_path.is_dir():
             needed(from_preset(preset_name(source)))  # refuse impossible buckets before loading anything
-        index = _export_for(str(source), out_dir / "export", precision, needed, seed, progress, model)
+        index = _export_for(str(source), Path(export_dir) if export_dir else out_dir / "export", precision, needed,
+                            seed, progress, model)
     config = ModelConfig.from_dict(index.config)
     shapes = [bucket_shapes(config, b, guidance, encoders) for b in buckets]
     keys = graphs_needed(shapes)

@@ -25,6 +25,11 @@ from .manifest import MANIFEST_NAME, Manifest, digest
 log = logging.getLogger(__name__)
 
 
+# The runtime's engine directories (one per model fingerprint, precision and guidance),
+# hard links into the entries beside them; not entries themselves.
+MODELS_DIR = "models"
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "easyanimate-rt" / "engines"
@@ -100,7 +105,8 @@ class EngineCache:
         out = []
         if not self.root.is_dir():
             return out
-        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(p for p in self.root.iterdir()
+                           if p.is_dir() and not p.name.startswith(".") and p.name != MODELS_DIR):
             try:
                 out.append((path, Manifest.load(path)))
             except EngineError:
@@ -115,7 +121,7 @@ class EngineCache:
         for path in self.root.iterdir():
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
-                n += not path.name.startswith(".")
+                n += not path.name.startswith(".") and path.name != MODELS_DIR
             elif path.name.endswith(".lock"):
                 path.unlink(missing_ok=True)
         return n

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from ..engines.buckets import Bucket, bucket_shapes, graphs_needed
-from ..engines.cache import EngineCache
+from ..engines.cache import MODELS_DIR, EngineCache
 from ..engines.manifest import read_index
 from ..errors import CheckpointError, EasyAnimateError, EngineError, InputError, ShapeError
 from ..export.spec import decoder_variant
@@ -207,7 +207,8 @@ class Pipeline:
             from .tokenizer import Tokenizer
 
             # A preset's tokenizer is saved beside the engines it was built with.
-            pipe.tokenize = Tokenizer(tok_dir or pipe.engine_dir(guidance) / "tokenizer", config.text_encoder.max_length)
+            tok_dir = tok_dir or pipe.engine_dir(guidance) / "tokenizer"
+            pipe.tokenize = Tokenizer(tok_dir, config.text_encoder.max_length)
         pipe.timings["load"] = time.perf_counter() - t0
         log.info("runtime: %s on %s (%.2fs to load)", config.name, pipe.describe(), pipe.timings["load"])
         return pipe
@@ -220,7 +221,7 @@ class Pipeline:
     def engine_dir(self, guidance: str) -> Path:
         if self._engine_dir is not None:
             return self._engine_dir / guidance
-        return (self.cache.root / "models" / f"{self.config.name}-{self.fingerprint[:16]}"
+        return (self.cache.root / MODELS_DIR / f"{self.config.name}-{self.fingerprint[:16]}"
                 / f"ort-cpu-{self.precision}-{guidance}")
 
     def model(self):
@@ -317,7 +318,8 @@ class Pipeline:
         build_engines(self.source, directory, ENGINE_BACKEND["ort"], [Bucket.parse(b) for b in buckets],
                       guidance=guidance, precision=self.precision, cache=self.cache, model=self.model(),
                       threads=self.threads, seed=self.seed, progress=self.progress,
-                      index_info={"source_sha256": self.fingerprint}, encoders=self.config.dit.inpaint)
+                      index_info={"source_sha256": self.fingerprint}, encoders=self.config.dit.inpaint,
+                      export_dir=directory.parent / f"export-{self.precision}")  # shared by both guidance modes
         if not Path(self.source).is_dir():
             self.model().text_encoder.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self.timings["build"] = self.timings.get("build", 0.0) + time.perf_counter() - t0
@@ -344,15 +346,16 @@ class Pipeline:
 
             memory = torch.cuda.mem_get_info(torch.device(self.device))[0]
         check_budget(self.config, req, max_tokens, memory)
-        self.ensure(Bucket(req.height, req.width, req.frames), self._guidance(req))
+        self.ensure(Bucket(req.height, req.width, req.frames), self.guidance_of(req))
 
     @staticmethod
-    def _guidance(req: GenerationRequest) -> str:
+    def guidance_of(req: GenerationRequest) -> str:
+        """The engines' guidance mode for ``req``: batch-2 or batch-1 DiT calls."""
         return "sequential" if req.guidance_mode == "sequential" or req.guidance_scale == 1.0 else "batched"
 
     def encode(self, req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings (2, S, E), mask (2, S)) for [negative, positive]."""
-        guidance = self._guidance(req)
+        guidance = self.guidance_of(req)
         ids, mask = self.tokenize([req.negative_prompt, req.prompt])
         engine = self.engine("text_encoder", guidance)
         if guidance == "batched":
@@ -376,7 +379,7 @@ class Pipeline:
             return x.float().cpu().numpy()
         c = self.config.vae.latent_channels
         g = req.guidance_scale
-        guidance = self._guidance(req)
+        guidance = self.guidance_of(req)
         batched = guidance == "batched"
         dit = self.engine("dit", guidance)
         sampler = NumpySampler(req.sampler, req.steps)
@@ -488,7 +491,7 @@ class Pipeline:
         timings["denoise"], timings["steps"] = time.perf_counter() - t, steps
         t, write = time.perf_counter(), 0.0
         chunks = []
-        for chunk in self.iter_frames(latents, self._guidance(req)):
+        for chunk in self.iter_frames(latents, self.guidance_of(req)):
             if sink is None:
                 chunks.append(chunk)
             else:
