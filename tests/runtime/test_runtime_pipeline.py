@@ -232,3 +232,21 @@ def test_inp_text_and_image_to_video_on_the_runtime(tmp_path):
     # the image matters: the same request without it ends elsewhere
     assert np.abs(pipe.run(ref.request(PROMPT, steps=4, seed=1, frames=9, height=32, width=32)).latents
                   - got.latents).max() > 1e-2
+
+
+def test_fingerprint_of_large_files_is_cheap_but_sees_changes(tmp_path, monkeypatch):
+    from easyanimate_rt.reference import config as config_module
+
+    monkeypatch.setattr(config_module, "LARGE_FILE", 1 << 10)  # treat 1 KiB as "large" here
+    model = tmp_path / "m"
+    model.mkdir()
+    weights = model / "w.safetensors"
+    weights.write_bytes(bytes(range(256)) * 64)
+    (model / "README.md").write_text("a card")
+    before = model_fingerprint(model)
+    (model / "README.md").write_text("another card")  # model cards do not count
+    assert model_fingerprint(model) == before
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last MiB is hashed
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(model) != before

@@ -537,7 +537,9 @@ def preset_name(source: str | Path) -> str:
 def model_fingerprint(source: str | Path, seed: int = 0) -> str:
     """sha256 over a model directory's files (names and contents; model cards aside), or
     of a preset's name, seed and torch version (which draw its random weights). Engines
-    and exports record it, so a changed model never reuses them."""
+    and exports record it, so a changed model never reuses them. Files of 64 MiB and more
+    (release weights: gigabytes, hashed at every start otherwise) count by size,
+    modification time and their first and last MiB."""
     import hashlib
 
     h = hashlib.sha256()
@@ -545,11 +547,21 @@ def model_fingerprint(source: str | Path, seed: int = 0) -> str:
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix != ".md"):
             h.update(str(f.relative_to(path)).encode() + b"\0")
+            st = f.stat()
             with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+                if st.st_size >= LARGE_FILE:
+                    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                    h.update(fh.read(1 << 20))
+                    fh.seek(max(0, st.st_size - (1 << 20)))
+                    h.update(fh.read())
+                else:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
     else:
         from importlib.metadata import version
 
         h.update(f"preset:{preset_name(source)}:seed={seed}:torch={version('torch')}".encode())
     return h.hexdigest()
+
+
+LARGE_FILE = 64 << 20
