@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import EasyAnimateError, InputError
+from .errors import EasyAnimateError
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,16 @@ def _print_timings(timings: dict, total: float) -> None:
     print(f"  {'total':8s} {total:8.3f}", file=sys.stderr)
 
 
-def _check_device(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    if device not in ("auto", "cpu"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False)")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .media import check_output_path
 
     t_start = time.perf_counter()
+    from .runtime.pipeline import parse_backend, read_config, resolve_device
+
     check_output_path(args.out)  # before any model loads
-    _check_device(args.device)
+    device = resolve_device(args.device) if args.device != "auto" else "auto"  # auto: the pipeline decides
     model = args.model or default_model()
     image = None
     if args.image is not None:
@@ -131,8 +123,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, frames=args.frames,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
                   guidance_mode=args.guidance_mode, image=image)
-    from .runtime.pipeline import parse_backend, read_config, resolve_device
-
     use_reference = args.backend == "reference"
     if not use_reference:
         parse_backend(args.backend)
@@ -154,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if use_reference:
         from .reference.pipeline import ReferencePipeline
 
-        pipe = ReferencePipeline.from_pretrained(model, device=resolve_device(args.device),
+        pipe = ReferencePipeline.from_pretrained(model, device=resolve_device(device),
                                                  clip_model=args.clip_model)
     else:
         from .runtime.pipeline import Pipeline
@@ -167,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(model, backend=args.backend, engine_dir=args.engines, **bucket,
                                         cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
                                         compile=not args.no_compile, progress=None if args.quiet else progress,
-                                        device=args.device, cuda_graphs=not args.no_cuda_graphs,
+                                        device=device, cuda_graphs=not args.no_cuda_graphs,
                                         clip_model=args.clip_model)
     for bar in stages:
         bar.close()

@@ -14,6 +14,7 @@ an error that says so. ``onnxruntime`` is imported lazily.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -70,14 +71,11 @@ def session_options(threads: int | None = None, optimized_path: Path | None = No
     return opts
 
 
-_SHARED_ARENA: list[bool] = []
-
-
+@functools.cache
 def _register_shared_arena(ort) -> None:
-    if not _SHARED_ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-        _SHARED_ARENA.append(True)
+    """The process-wide CPU arena, registered once."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def providers(backend: str, directory: Path, profile_shapes: Sequence[Mapping[str, Any]] = ()) -> list:

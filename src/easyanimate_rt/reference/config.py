@@ -523,6 +523,24 @@ def from_preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None
 
 
+#: Our model directories' whole configuration (upstream release directories have none).
+CONFIG_NAME = "easyanimate_rt.json"
+
+
+def read_model_config(directory: str | Path) -> ModelConfig | None:
+    """``directory/easyanimate_rt.json`` as a ModelConfig (no torch), None where there is
+    none; a CheckpointError naming the file when it does not parse."""
+    import json
+
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+        raise CheckpointError(f"{path} is not a valid model config: {exc}") from None
+
+
 def preset_name(source: str | Path) -> str:
     """``source`` as a preset name; a path-like ``source`` that is not a directory is a
     missing model directory, not a preset."""

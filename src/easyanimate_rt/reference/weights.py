@@ -29,7 +29,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fileio import atomic_save_safetensors, atomic_write_text, staged_dir
-from .config import PRESETS, DiTConfig, ModelConfig, VAEConfig, from_preset, preset_name  # noqa: F401
+from .config import (CONFIG_NAME, PRESETS, DiTConfig, ModelConfig, VAEConfig, from_preset,  # noqa: F401
+                     preset_name, read_model_config)
 from .dit import VideoDiT, sincos_1d_interleaved
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .upstream import dit_fields, upstream_config
@@ -38,7 +39,6 @@ from .vae import SliceVAE
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "easyanimate_rt.json"
 
 # Words the randomly initialised tokenizer of the `tiny` preset knows (tests, smoke runs).
 _TINY_CORPUS = (
@@ -210,12 +210,8 @@ def load_model(path: str | Path, preset: str | None = None, device: torch.device
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
-    if (path / CONFIG_NAME).exists():
-        try:
-            config = ModelConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path / CONFIG_NAME} is not a valid model config: {exc}") from None
-    else:
+    config = read_model_config(path)
+    if config is None:
         config = upstream_config(path, preset)
     text = TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer",
                                        config.text_encoder)

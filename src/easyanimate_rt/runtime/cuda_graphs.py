@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import numpy as np
-
 from ..reference.request import GenerationRequest
 from ..reference.schedule import SeededNoise
 
@@ -138,10 +136,3 @@ def _capture(step: Callable[[], None], x, sampler):
     sampler.reset()
     torch.cuda.synchronize()
     return graph
-
-
-def eager_matches_graph(model, req: GenerationRequest, emb, mask, device) -> float:
-    """Max abs difference between graph replay and eager latents (a GPU self-check)."""
-    a = denoise_on_device(model, req, emb, mask, device=device, cuda_graph=True)
-    b = denoise_on_device(model, req, emb, mask, device=device, cuda_graph=False)
-    return float(np.abs(a.float().cpu().numpy() - b.float().cpu().numpy()).max())

@@ -25,7 +25,6 @@ preset's random weights) use the reference modules.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,10 +36,10 @@ import numpy as np
 from ..engines.buckets import Bucket, bucket_shapes, graphs_needed
 from ..engines.cache import MODELS_DIR, EngineCache
 from ..engines.manifest import read_index
-from ..errors import CheckpointError, EasyAnimateError, EngineError, InputError, ShapeError
+from ..errors import EasyAnimateError, EngineError, InputError, ShapeError
 from ..export.spec import decoder_variant
 from ..media import VideoWriter, check_output_path, frames_to_uint8, save_video
-from ..reference.config import ModelConfig, from_preset, model_fingerprint, preset_name
+from ..reference.config import ModelConfig, from_preset, model_fingerprint, preset_name, read_model_config
 from ..reference.request import GenerationRequest, default_request
 from ..reference.schedule import NumpySampler, SeededNoise
 from .budget import check_budget
@@ -50,9 +49,8 @@ log = logging.getLogger(__name__)
 
 NETWORKS = ("text_encoder", "dit", "vae")
 BACKENDS = ("auto", "torch", "ort")
-ENGINE_BACKEND = {"ort": "ort-cpu"}  # runtime backend -> engines.build backend
+ORT_ENGINES = "ort-cpu"  # the engines.build backend of the runtime's "ort"
 ORT_PRECISIONS = ("fp32", "fp16")  # fp16 graphs keep their fp32 islands; ORT CPU runs both
-CONFIG_NAME = "easyanimate_rt.json"
 StepCallback = Callable[[int, int], None]
 
 
@@ -82,7 +80,9 @@ def resolve_device(device: str, cpu_backend: bool = False) -> str:
     machine with no NVIDIA driver) and no CPU backend was asked for; else cpu."""
     if device != "auto":
         if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-            raise InputError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+            raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+        if device != "cpu":
+            _check_cuda(device)
         return device
     if cpu_backend or not Path("/dev/nvidiactl").exists():
         return "cpu"
@@ -98,14 +98,8 @@ def network_of(key: str) -> str:
 def read_config(source: str | Path) -> ModelConfig | None:
     """The model's config without torch: ``easyanimate_rt.json`` or a preset; None for a
     directory that needs the loader (an upstream release directory)."""
-    path = Path(source)
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            return None
-        try:
-            return ModelConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        except Exception as exc:
-            raise CheckpointError(f"{path / CONFIG_NAME} is not a valid model config: {exc}") from None
+    if Path(source).is_dir():
+        return read_model_config(source)
     return from_preset(preset_name(source))
 
 
@@ -129,7 +123,8 @@ class Pipeline:
     def __init__(self, config: ModelConfig, source: str | Path, tokenizer: Callable, backends: Mapping[str, str], *,
                  cache: EngineCache, engine_dir: Path | None = None, precision: str = "fp32",
                  threads: int | None = None, seed: int = 0, compile: bool = True, fingerprint: str = "",
-                 progress: Callable[[str], None] | None = None, model=None):
+                 progress: Callable[[str], None] | None = None, model=None, device: str = "cpu",
+                 cuda_graphs: bool = True, clip_encoder=None):
         self.config = config
         self.source = source
         self.tokenize = tokenizer  # prompts -> (input_ids, attention_mask) int64 (B, S)
@@ -145,9 +140,9 @@ class Pipeline:
         self._model = model
         self.engines: dict[tuple[str, str], Engine] = {}  # (guidance, key) -> engine
         self.timings: dict[str, float] = {}
-        self.device = "cpu"
-        self.cuda_graphs = True
-        self.clip_encoder = None  # image (H, W, 3) uint8 -> (1, K) torch; InP image-to-video
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        self.clip_encoder = clip_encoder  # image (H, W, 3) uint8 -> (1, K) torch; InP image-to-video
 
     # --- construction --------------------------------------------------------------------
 
@@ -173,7 +168,6 @@ class Pipeline:
             if set(backends.values()) != {"torch"}:
                 backends = dict.fromkeys(NETWORKS, "torch")  # the GPU path here is the torch backend
                 log.info("device %s: running every network on the torch backend", device)
-            _check_cuda(device)
         elif precision not in ORT_PRECISIONS or (precision != "fp32" and "torch" in backends.values()):
             raise InputError(f"CPU engines run {list(ORT_PRECISIONS)} (ONNX Runtime) or fp32 (torch); got "
                              f"precision {precision!r}")
@@ -188,16 +182,16 @@ class Pipeline:
         fingerprint = model_fingerprint(source, seed)
         cache = EngineCache(cache_dir)
         tok_dir = path / "tokenizer" if path.is_dir() else None
-        pipe = cls(config, source, None, backends, cache=cache, engine_dir=engine_dir, precision=precision,
-                   threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
-                   model=model)
-        pipe.device, pipe.cuda_graphs = device, cuda_graphs
+        clip_encoder = None
         if clip_model is not None:
             if not config.dit.clip_channels:
                 raise InputError(f"a CLIP image encoder was given, but {config.name!r} takes no CLIP input")
             from ..reference.clip import ClipImageEncoder
 
-            pipe.clip_encoder = ClipImageEncoder.from_pretrained(clip_model, "cpu")
+            clip_encoder = ClipImageEncoder.from_pretrained(clip_model, "cpu")
+        pipe = cls(config, source, None, backends, cache=cache, engine_dir=engine_dir, precision=precision,
+                   threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
+                   model=model, device=device, cuda_graphs=cuda_graphs, clip_encoder=clip_encoder)
         for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
             pipe.ensure(b, guidance)
         if tok_dir is None and pipe._model is not None:  # a preset in memory: its own tokenizer
@@ -222,7 +216,7 @@ class Pipeline:
         if self._engine_dir is not None:
             return self._engine_dir / guidance
         return (self.cache.root / MODELS_DIR / f"{self.config.name}-{self.fingerprint[:16]}"
-                / f"ort-cpu-{self.precision}-{guidance}")
+                / f"{ORT_ENGINES}-{self.precision}-{guidance}")
 
     def model(self):
         """The reference model (torch), loaded on first need: the torch backend, builds."""
@@ -315,7 +309,7 @@ class Pipeline:
         t0 = time.perf_counter()
         if self.progress:
             self.progress(f"first use: exporting and building engines for {', '.join(buckets)} into {directory}")
-        build_engines(self.source, directory, ENGINE_BACKEND["ort"], [Bucket.parse(b) for b in buckets],
+        build_engines(self.source, directory, ORT_ENGINES, [Bucket.parse(b) for b in buckets],
                       guidance=guidance, precision=self.precision, cache=self.cache, model=self.model(),
                       threads=self.threads, seed=self.seed, progress=self.progress,
                       index_info={"source_sha256": self.fingerprint}, encoders=self.config.dit.inpaint,
@@ -395,25 +389,28 @@ class Pipeline:
         inpaint = self.inpaint_latents(req, guidance)
         clip = self.clip_condition(req)
 
-        def feeds(branch: slice, i: int) -> dict[str, np.ndarray]:
-            """The DiT's inputs for the branches ``branch`` of [negative, positive] at step i."""
-            f = {"latents": latents, "timestep": timestep, "text": emb[branch], "text_mask": mask[branch]}
-            n = len(range(2)[branch])
+        # Per branch, built once: the text inputs, the InP latents and the CLIP inputs with
+        # the image shown (the last clip_apply_ratio of the steps) and hidden.
+        fixed, clip_shown, clip_hidden = [], [], []
+        for b in branches:
+            n = len(range(2)[b])
+            fixed.append({"text": emb[b], "text_mask": mask[b]})
             if inpaint is not None:
-                f["inpaint_latents"] = np.ascontiguousarray(np.broadcast_to(inpaint, (n, *inpaint.shape[1:])))
-            if clip is not None:
-                embeds, clip_mask = clip[0][branch], clip[1][branch]
-                if i < req.steps * (1 - req.clip_apply_ratio):  # the CLIP image only in the last steps
-                    embeds, clip_mask = np.zeros_like(embeds), np.zeros_like(clip_mask)
-                f["clip_embeds"], f["clip_mask"] = embeds, clip_mask
-            return f
+                fixed[-1]["inpaint_latents"] = np.ascontiguousarray(np.broadcast_to(inpaint, (n, *inpaint.shape[1:])))
+            shown = {"clip_embeds": clip[0][b], "clip_mask": clip[1][b]} if clip is not None else {}
+            clip_shown.append(shown)
+            clip_hidden.append({k: np.zeros_like(v) for k, v in shown.items()})
+
+        def feeds(k: int, i: int) -> dict[str, np.ndarray]:
+            clip_inputs = clip_shown if i >= req.steps * (1 - req.clip_apply_ratio) else clip_hidden
+            return {"latents": latents, "timestep": timestep, **fixed[k], **clip_inputs[k]}
 
         for i in range(req.steps):
             t0 = time.perf_counter()
             xin = sampler.scale_model_input(x, i)
             latents[:] = xin
             timestep[:] = sampler.timesteps[i]
-            outs = [np.asarray(dit.run(feeds(b, i))["noise_pred"])[:, :c] for b in branches]
+            outs = [np.asarray(dit.run(feeds(k, i))["noise_pred"])[:, :c] for k in range(len(branches))]
             out = np.concatenate(outs) if len(outs) > 1 else outs[0]
             out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
             eps = sampler.epsilon(i, xin, out_u + g * (out_c - out_u), self.config.dit.prediction_type)
@@ -561,7 +558,7 @@ def _check_cuda(device: str) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: no CUDA device is visible (torch.cuda.is_available() is False)")
+        raise InputError(f"--device {device}: no CUDA device is visible (torch.cuda.is_available() is False)")
 
 
 def _spec(config: ModelConfig, key: str):
