@@ -81,7 +81,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --- generate ----------------------------------------------------------------------------
 
 GENERATE_BACKENDS = "auto (ONNX Runtime engines, built on first use), reference (the PyTorch reference " \
-                    "pipeline), torch, ort, or per network: dit=ort,vae=torch"
+                    "pipeline), torch, torch-compile (the torch modules under torch.compile; the first " \
+                    "call compiles), ort, or per network: dit=ort,vae=torch"
 
 
 def _seed(text: str) -> int:

@@ -83,6 +83,19 @@ def test_torch_backend_equals_the_reference(model_dir, ref, cache):
     assert np.abs(got.frames.astype(int) - want.frames).max() <= 1
 
 
+@pytest.mark.slow
+def test_torch_compile_backend_equals_eager(model_dir, ref, cache):
+    """The DiT under torch.compile (inductor) against the reference, 2 steps (measured
+    max abs difference ~1e-6; the compile takes most of this test's time)."""
+    from easyanimate_rt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_dir, backend="dit=torch-compile,text_encoder=torch,vae=torch",
+                                    cache_dir=cache, buckets=[Bucket(32, 64, 9)])
+    assert type(pipe.engine("dit").module).__name__ == "OptimizedModule"
+    req = ref.request("a blue square", steps=2, seed=1, frames=9, height=32, width=64)
+    torch.testing.assert_close(torch.from_numpy(pipe.run(req).latents), ref.run(req).latents, rtol=1e-4, atol=1e-4)
+
+
 def test_sequential_and_unguided_match_the_reference(ort_pipe, ref):
     for kwargs in (dict(guidance_mode="sequential"), dict(guidance_scale=1.0)):
         req = ref.request(PROMPT, steps=3, seed=5, frames=9, height=64, width=64, **kwargs)

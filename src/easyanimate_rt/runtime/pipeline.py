@@ -48,7 +48,8 @@ from .engine import Engine
 log = logging.getLogger(__name__)
 
 NETWORKS = ("text_encoder", "dit", "vae")
-BACKENDS = ("auto", "torch", "ort")
+BACKENDS = ("auto", "torch", "torch-compile", "ort")
+TORCH_BACKENDS = ("torch", "torch-compile")  # the reference modules, eager or under torch.compile
 ORT_ENGINES = "ort-cpu"  # the engines.build backend of the runtime's "ort"
 ORT_PRECISIONS = ("fp32", "fp16")  # fp16 graphs keep their fp32 islands; ORT CPU runs both
 StepCallback = Callable[[int, int], None]
@@ -73,6 +74,10 @@ def parse_backend(text: str) -> dict[str, str]:
         if value not in BACKENDS:
             raise InputError(f"backend for {name} must be one of {list(BACKENDS)}, got {value!r}")
     return {name: "ort" if value == "auto" else value for name, value in choice.items()}
+
+
+def uses_torch(backends: Mapping[str, str]) -> bool:
+    return any(b in TORCH_BACKENDS for b in backends.values())
 
 
 def resolve_device(device: str, cpu_backend: bool = False) -> str:
@@ -165,16 +170,16 @@ class Pipeline:
         device = resolve_device(device, explicit and "ort" in backends.values())
         precision = precision or ("fp32" if device == "cpu" else "bf16")
         if device != "cpu":
-            if set(backends.values()) != {"torch"}:
+            if not set(backends.values()) <= {"torch"}:
                 backends = dict.fromkeys(NETWORKS, "torch")  # the GPU path here is the torch backend
                 log.info("device %s: running every network on the torch backend", device)
-        elif precision not in ORT_PRECISIONS or (precision != "fp32" and "torch" in backends.values()):
+        elif precision not in ORT_PRECISIONS or (precision != "fp32" and uses_torch(backends)):
             raise InputError(f"CPU engines run {list(ORT_PRECISIONS)} (ONNX Runtime) or fp32 (torch); got "
                              f"precision {precision!r}")
         path = Path(source)
         config = read_config(source)
         model = None
-        if config is None or "torch" in backends.values():
+        if config is None or uses_torch(backends):
             model = _load_model(source, seed)
             config = model.config
             if device != "cpu":
@@ -234,10 +239,12 @@ class Pipeline:
         missing = [k for k in graphs_needed([shapes]) if not self._covers(guidance, k, shapes.dims[k])]
         ort_missing = [k for k in missing if self.backends[network_of(k)] == "ort"]
         for key in missing:
-            if self.backends[network_of(key)] == "torch":
+            backend = self.backends[network_of(key)]
+            if backend in TORCH_BACKENDS:
                 from .backends.torch import TorchEngine
 
-                self.engines[(guidance, key)] = TorchEngine(self.model(), _spec(self.config, key))
+                self.engines[(guidance, key)] = TorchEngine(self.model(), _spec(self.config, key),
+                                                            compiled=backend == "torch-compile")
         if not ort_missing:
             return
         directory = self.engine_dir(guidance)

@@ -1,5 +1,6 @@
-"""The torch backend: the reference modules behind the Engine protocol (eager), on the
-model's device and dtype."""
+"""The torch backend: the reference modules behind the Engine protocol, on the model's
+device and dtype, eager or under ``torch.compile`` (backend ``torch-compile``: inductor,
+static shapes; the first call of each shape compiles, later calls reuse the code)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ class TorchEngine(EngineBase):
     """One graph of a reference model, computed by the torch modules. Floating inputs
     are cast to the model's dtype on its device; outputs come back as float32 numpy."""
 
-    def __init__(self, model, spec: ExportSpec):
+    def __init__(self, model, spec: ExportSpec, compiled: bool = False):
         self.model = model
         self.spec = spec
         self.module = graph_module(model, spec)
+        if compiled:
+            import torch
+
+            self.module = torch.compile(self.module, dynamic=False)
 
     def covers(self, dims) -> bool:  # the reference takes any valid shape
         return True
