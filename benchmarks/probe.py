@@ -176,8 +176,13 @@ def probe_dit(args) -> dict:
     t0 = time.perf_counter()
     run()  # first call: compiles for torch-compile
     first = time.perf_counter() - t0
+    # This VM's speed drifts by tens of percent over minutes: each probe measures the
+    # matmul peak it is compared with in the same process, right before its own timing.
+    from common import matmul_peak
+
+    peak = matmul_peak("fp32", "cpu", sizes=(3072,), repeat=3)[0]
     stats = measure(run, repeat=args.repeat, warmup=2, min_seconds=args.min_seconds)
-    return {"times": stats.times, "first_call_s": first}
+    return {"times": stats.times, "first_call_s": first, "peak": peak}
 
 
 def decode_buckets(config) -> list[int]:

@@ -17,7 +17,9 @@ CPU suite (threads pinned, ``--threads``, default every core):
 Each probe runs in its own process (benchmarks/probe.py), ``--rounds`` times alternating
 backends (this VM's speed drifts over minutes), every run's times pooled: median and
 interquartile spread. Every row reports FLOPs (benchmarks/flops.py), FLOP/s and the
-fraction of the measured peak.
+fraction of the matmul peak (DiT probes: the peak each probe measured in its own
+process just before its timing, as the machine's speed drifts; other rows: the
+``peak`` section's).
 
 GPU suite (needs a CUDA device): bf16/fp16/fp8 matmul peaks, the torch backend's loop
 eager vs CUDA graphs vs torch.compile (benchmarks/gpu_runtime.py) with TFLOP/s, VAE
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,8 +74,8 @@ class Suite:
         self.work = Path(args.work or tempfile.mkdtemp(prefix="ea-bench-"))
         self.extras: dict = {}
 
-    def add(self, section: str, name: str, **kw) -> dict:
-        r = common.row(section, name, peak=self.peak, threads=self.threads, info=self.info, **kw)
+    def add(self, section: str, name: str, peak: float | None = None, **kw) -> dict:
+        r = common.row(section, name, peak=peak or self.peak, threads=self.threads, info=self.info, **kw)
         self.rows.append(r)
         shown = f"{r['median_ms']} ms" if r["median_ms"] != "" else r["note"]
         frac = f", {100 * r['peak_fraction']:.1f}% of peak" if r["peak_fraction"] != "" else ""
@@ -113,6 +116,7 @@ class Suite:
                              text_len=config.text_encoder.max_length)
         shape = f"{batch}x{frames}x{height}x{width} ({flops.dit_tokens(config.dit, frames, height, width)} tok)"
         times: dict[str, list[float]] = {b: [] for b in backends}
+        peaks: dict[str, list[float]] = {b: [] for b in backends}
         firsts: dict[str, float] = {}
         for _ in range(self.args.rounds):
             for b in backends:
@@ -123,6 +127,7 @@ class Suite:
                             "--height", str(height), "--width", str(width), "--repeat", str(repeat),
                             "--min-seconds", "1", *extra, threads=self.threads)
                 times[b] += res["times"]
+                peaks[b].append(res["peak"])
                 firsts[b] = res["first_call_s"]
         stats = {}
         for b, t in times.items():
@@ -131,9 +136,11 @@ class Suite:
                          note="not run: the transformer fusions do not apply to this graph")
                 continue
             stats[b] = common.Stats(t)
-            note = f"first call {firsts[b]:.1f} s (compile)" if b == "torch-compile" else ""
+            peak = statistics.median(peaks[b])
+            note = f"peak here {peak / 1e9:.0f} GFLOP/s"
+            note += f"; first call {firsts[b]:.1f} s (compile)" if b == "torch-compile" else ""
             self.add(section, label or f"{model} DiT step", backend=b, precision="fp32", shape=shape,
-                     stats=stats[b], flops=fl["total"], note=note)
+                     stats=stats[b], flops=fl["total"], note=note, peak=peak)
         return stats
 
     # --- sections ----------------------------------------------------------------------------
@@ -160,6 +167,8 @@ class Suite:
             backends.insert(1, "torch-compile")
         st = self.dit_case("dit", m, backends, 2, f, h, w, self.repeat(50))
         self.extras["dit"] = {b: s.median for b, s in st.items()}
+        for backend, why in absent_backends().items():
+            self.add("dit", f"{m} DiT step", backend=backend, note=f"not run: {why}")
 
     def section_bound(self) -> None:
         # 256 x 256 pixels x 16 frames: 32 x 32 latents, 4 latent frames (x8 space, x4 time)
@@ -272,6 +281,29 @@ class Suite:
         log(f"runtime engines for {model} ready ({time.perf_counter() - t0:.1f} s)")
 
 
+def absent_backends() -> dict[str, str]:
+    """The GPU backends this machine cannot run, and why (rows that say so, not gaps)."""
+    import importlib.util
+
+    out = {}
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except ImportError:
+        providers = []
+    import torch
+
+    gpu = torch.cuda.is_available()
+    for backend, provider in (("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")):
+        if provider not in providers or not gpu:
+            out[backend] = f"needs onnxruntime-gpu with {provider} and a CUDA device"
+    for backend, module in (("trt", "tensorrt"), ("rtx", "tensorrt_rtx")):
+        if importlib.util.find_spec(module) is None or not gpu:
+            out[backend] = f"needs {module} and a CUDA device (engines run on the GPU only)"
+    return out
+
+
 def linear_fit(x: list[float], y: list[float]) -> dict[str, float]:
     """Least squares y = a + b x, with R^2."""
     n = len(x)
@@ -304,13 +336,25 @@ def run_gpu(suite: Suite) -> bool:
     subprocess.run([sys.executable, str(HERE / "gpu_runtime.py"), "--json", str(out)], check=True, stdout=sys.stderr)
     g = json.loads(out.read_text())
     suite.extras["gpu_runtime"] = g
-    peak = suite.extras.get("gpu_peak_bf16")
+    peak = g["bf16_peak"]
     for case, r in g["cases"].items():
+        if "error" in r:
+            suite.add("gpu", f"{case}: {g['steps']}-step loop", precision="bf16", note=r["error"])
         for kind in ("eager", "graph", "compile"):
             if f"{kind}_s" in r:
+                note = f"CUDA graphs {r['graph_speedup']:.2f}x eager" if kind == "graph" else r.get("compile_error", "")
                 suite.add("gpu", f"{case}: {g['steps']}-step loop", backend=f"torch {kind}", precision="bf16",
-                          shape=r["request"], stats=common.Stats([r[f"{kind}_s"]]),
-                          flops=r.get("loop_flops"), peak=peak, peak_memory_mb=1024 * r["peak_gib"])
+                          shape=r["request"], stats=common.Stats([r[f"{kind}_s"]]), flops=r["loop_flops"],
+                          peak=peak, peak_memory_mb=1024 * r["peak_gib"], note=note)
+    for size, v in g.get("vae", {}).items():
+        suite.add("gpu", f"v2-512 VAE slice decode ({v['frames']} frames)", backend="torch eager", precision="bf16",
+                  shape=size, stats=common.Stats([v["slice_s"]]), flops=v["flops"], peak=peak)
+    up = g.get("upstream")
+    if up:
+        suite.add("gpu", "384x672x144, 25 steps + decode, vs upstream", backend="torch", precision="bf16",
+                  stats=common.Stats([up["ours_s"]]), flops=up["work_flops"], peak=peak,
+                  note=f"upstream {up['upstream_s']:.0f} s on an A100 = {100 * up['upstream_peak_fraction']:.1f}% "
+                       f"of its bf16 peak; here {100 * up['ours_peak_fraction']:.1f}% of this card's")
     return True
 
 
