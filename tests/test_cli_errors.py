@@ -75,6 +75,10 @@ CASES = [
     (["--model", "/no/such/model"], "model directory not found: /no/such/model"),
     (["--model", "v9-1024"], "unknown preset 'v9-1024'"),
     (["--image", "/no/such/image.png"], "not found"),
+    (["--cache", "magic"], "invalid choice: 'magic'"),
+    (["--cache", "fbcache", "--cache-threshold", "-0.5"], "step cache threshold must be a finite number >= 0, got -0.5"),
+    (["--cache-threshold", "0.1"], "--cache-threshold 0.1 needs a policy: --cache fbcache or teacache"),
+    (["--cache", "teacache", "--backend", "reference"], "step caching runs on the runtime, not on --backend reference"),
 ]
 
 

@@ -131,7 +131,7 @@ def test_the_checker_flags_forbidden_edges(source, module, expected):
 @pytest.mark.parametrize("module", [
     "easyanimate_rt", "easyanimate_rt.errors", "easyanimate_rt.tolerances", "easyanimate_rt.fileio",
     "easyanimate_rt.media", "easyanimate_rt.export.spec", "easyanimate_rt.export.index",
-    "easyanimate_rt.reference.config", "easyanimate_rt.cli",
+    "easyanimate_rt.reference.config", "easyanimate_rt.cli", "easyanimate_rt.runtime.step_cache",
 ])
 def test_torch_free_modules_do_not_import_torch(module):
     """The contract engines and the runtime read (specs, export index), media, the

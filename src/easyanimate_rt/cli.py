@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import EasyAnimateError
+from .errors import EasyAnimateError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     use_reference = args.backend == "reference"
     if not use_reference:
         parse_backend(args.backend)
+    cache = None
+    if args.cache != "none" or args.cache_threshold is not None:
+        from .runtime.step_cache import CacheSettings
+
+        if use_reference:
+            raise InputError("--cache: step caching runs on the runtime, not on --backend reference")
+        if args.cache == "none":
+            raise InputError(f"--cache-threshold {args.cache_threshold} needs a policy: --cache fbcache or teacache")
+        cache = CacheSettings(args.cache, args.cache_threshold)  # a bad setting fails here, before any work
     config = read_config(model)  # torch-free; None for an upstream release directory
     if config is not None:  # refuse a bad request before any model or engine loads
         from .reference.request import default_request
@@ -159,7 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                         cache_dir=args.cache_dir, precision=args.precision, threads=args.threads,
                                         compile=not args.no_compile, progress=None if args.quiet else progress,
                                         device=device, cuda_graphs=not args.no_cuda_graphs,
-                                        clip_model=args.clip_model)
+                                        clip_model=args.clip_model, cache=args.cache,
+                                        cache_threshold=cache.threshold if cache else None)
     for bar in stages:
         bar.close()
     if Path(model).is_dir():
@@ -184,8 +194,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     backend = "reference" if use_reference else pipe.describe()
     print(f"wrote {args.out} ({req.frames} frames {req.height}x{req.width} @ {pipe.config.sampling.fps} fps) "
           f"on {backend} in {total:.1f}s")
+    report = timings.get("step_cache") if not use_reference else None
+    if report:
+        print(f"step cache ({report['policy']}, threshold {report['threshold']:g}): {report['computed']} steps "
+              f"computed, {report['skipped']} skipped, {report['checked']} checked by the drift guard"
+              + (f" (fired {len(report['fired'])}x, threshold now {report['final_threshold']:g})"
+                 if report["fired"] else ""))
     if args.timings:
         _print_timings(timings, total)
+    return 0
+
+
+FIT_PROMPTS = ("a red circle moving left on a white background", "a blue square moving up on a black background",
+               "a green triangle growing on a white background", "a yellow circle moving right on a blue background",
+               "a white square shrinking on a black background", "a purple triangle moving down on a white background")
+
+
+def cmd_cache_fit(args: argparse.Namespace) -> int:
+    """Fit TeaCache's rescale polynomial on a model and write it beside the model (or --out)."""
+    from .runtime.pipeline import Pipeline
+    from .runtime.step_cache import RESCALE_NAME, CacheSettings, calibrate, save_rescale
+
+    model = args.model or default_model()
+    prompts = FIT_PROMPTS
+    if args.prompts_file:
+        try:
+            prompts = tuple(line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise InputError(f"--prompts-file {args.prompts_file}: {exc.strerror}") from None
+        if not prompts:
+            raise InputError(f"--prompts-file {args.prompts_file} holds no prompts")
+    if args.degree < 1:
+        raise InputError(f"--degree must be >= 1, got {args.degree}")
+    out = Path(args.out) if args.out else (Path(model) / RESCALE_NAME if Path(model).is_dir() else None)
+    if out is None:
+        raise InputError(f"{model!r} is a preset, not a model directory: give --out for the fitted file")
+    pipe = Pipeline.from_pretrained(model, cache=CacheSettings("teacache", 0.0), threads=args.threads)
+    coeffs, pairs = calibrate(pipe, prompts, args.steps, args.degree)
+    import numpy as np
+
+    x, y = np.asarray(pairs).T
+    fit_err = float(np.abs(np.polyval(coeffs, x) - y).mean() / max(y.mean(), 1e-12))
+    save_rescale(out, coeffs, {"model": pipe.config.name, "prompts": len(prompts), "pairs": len(pairs),
+                               "steps": args.steps or pipe.config.sampling.steps, "degree": args.degree,
+                               "mean_relative_fit_error": fit_err})
+    print(f"wrote {out}: TeaCache rescale {[round(c, 5) for c in coeffs]} from {len(pairs)} step pairs "
+          f"({len(prompts)} prompts; mean relative fit error {fit_err:.1%})")
     return 0
 
 
@@ -249,11 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="never export or build engines; a size without "
                                                              "engines is an error")
     p.add_argument("--no-cuda-graphs", action="store_true", help="no CUDA graph capture (GPU backends)")
+    p.add_argument("--cache", default="none", choices=["none", "fbcache", "teacache"],
+                   help="step caching: skip the DiT's tail between similar steps (runtime/step_cache.py)")
+    p.add_argument("--cache-threshold", type=float, help="the policy's threshold (default: the policy's; "
+                                                         "0 never skips, larger skips more)")
     p.add_argument("--timings", action="store_true", help="print per-stage timings")
     p.add_argument("--device", default="auto", help="auto (cuda where visible, else cpu), cpu, or cuda[:N]: the "
                                                     "torch backend on the GPU, its denoising step in a CUDA graph")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("cache-fit", help="fit TeaCache's rescale polynomial on a model (step caching)")
+    p.add_argument("--model", help="model directory (default: the shipped model)")
+    p.add_argument("--prompts-file", help="one prompt per line (default: six shapes-world prompts)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--degree", type=int, default=2, help="polynomial degree (default 2)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="where to write (default: MODEL/step_cache.json)")
+    p.set_defaults(func=cmd_cache_fit)
 
     # Each layer registers its own subcommands; their modules import nothing heavy at
     # module level, so `easyanimate-rt --help` stays fast.

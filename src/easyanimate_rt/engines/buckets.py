@@ -87,8 +87,9 @@ class BucketShapes:
 
 
 def bucket_shapes(config: ModelConfig, bucket: Bucket, guidance: str = "batched",
-                  image_to_video: bool = False) -> BucketShapes:
-    """The dimension values of every graph generation at ``bucket`` runs."""
+                  image_to_video: bool = False, step_cache: bool = False) -> BucketShapes:
+    """The dimension values of every graph generation at ``bucket`` runs; with
+    ``step_cache`` the DiT runs as ``dit_cache/head`` + ``dit_cache/tail`` (runtime/step_cache.py)."""
     if guidance not in GUIDANCE:
         raise InputError(f"guidance must be one of {list(GUIDANCE)}, got {guidance!r}")
     check_bucket(config, bucket)
@@ -98,8 +99,9 @@ def bucket_shapes(config: ModelConfig, bucket: Bucket, guidance: str = "batched"
     lf = config.vae.latent_frames(bucket.frames)
     dims: dict[str, dict[str, int]] = {
         "text_encoder": {"batch": batch},
-        "dit": {"batch": batch, "frames": lf, "height": h, "width": w},
     }
+    for key in (("dit_cache/head", "dit_cache/tail") if step_cache else ("dit",)):
+        dims[key] = {"batch": batch, "frames": lf, "height": h, "width": w}
     for s in config.vae.slice_plan(lf):
         dims[f"vae_decoder/{decoder_variant(config, s)}"] = {"batch": 1, "height": h, "width": w}
     if image_to_video:

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import EngineError, ExportError, InputError
 from ..export.index import INDEX_NAME as EXPORT_INDEX
 from ..export.index import ExportIndex, load_export
-from ..export.spec import INPUTS_NAME, DimSpec, ExportSpec, Profile
+from ..export.spec import CACHE_NETWORK, INPUTS_NAME, NETWORKS, DimSpec, ExportSpec, Profile
 from ..fileio import sha256_files, staged_dir
 from ..reference.config import ModelConfig
 from ..tolerances import TOLERANCES, error_stats, within
@@ -38,6 +38,8 @@ from .buckets import Bucket, bucket_shapes, graphs_needed, profiles_for
 from .cache import EngineCache, cache_key
 from .manifest import BACKENDS, Manifest, cpu_name, digest, onnx_files, write_index
 
+#: What a build may export from a model: every network and the DiT's step-caching split.
+EXPORT_NETWORKS = NETWORKS + (CACHE_NETWORK,)
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "engine.plan"
@@ -166,7 +168,7 @@ def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir:
     device_memory: list[int] = []
     if backend.startswith("ort"):
         source, fusion = onnx_path, None
-        if backend == "ort-cpu" and spec.network == "dit" and runs_here(backend):
+        if backend == "ort-cpu" and spec.key == "dit" and runs_here(backend):
             source, fusion = _fusions(onnx_path, staging, spec, graph_dir, model_fn, threads)
         out = ortb.build(source, staging, backend, threads, profile_shapes)
         artifact, flags = out["artifact"], out["flags"]
@@ -275,22 +277,24 @@ def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[Model
         old = read_export_index(out)
         if old.get("source_sha256") == fingerprint and old.get("precision") == precision:
             have = {k for k in old.get("graphs", []) if (out / k / MODEL_NAME).is_file()}
-    specs = [s for s in make_specs(model.config, precision) if s.key in keys and s.key not in have]
+    specs = [s for s in make_specs(model.config, precision, EXPORT_NETWORKS) if s.key in keys and s.key not in have]
     if progress and have & set(keys):
         progress(f"reusing the export of {', '.join(sorted(have & set(keys)))}")
     child = None
-    if len(specs) > 1 and "dit" in [s.key for s in specs] and (os.cpu_count() or 1) >= 2:
+    # the slowest graph: the whole DiT, or the step-caching tail when only the split is asked for
+    slowest = next((k for k in ("dit", "dit_cache/tail") if k in [s.key for s in specs]), None)
+    if len(specs) > 1 and slowest and (os.cpu_count() or 1) >= 2:
         # A plain subprocess, not multiprocessing: spawn would re-run the caller's script.
         import subprocess
         import sys
 
         code = ("import sys; from easyanimate_rt.engines.build import _export_in_child; "
                 "_export_in_child(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])")
-        child = subprocess.Popen([sys.executable, "-c", code, str(source), str(seed), precision, "dit", str(out)],
+        child = subprocess.Popen([sys.executable, "-c", code, str(source), str(seed), precision, slowest, str(out)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        specs = [s for s in specs if s.key != "dit"]
+        specs = [s for s in specs if s.key != slowest]
         if progress:
-            progress("export dit (in a second process)")
+            progress(f"export {slowest} (in a second process)")
     try:
         for spec in specs:
             if progress:
@@ -300,7 +304,7 @@ def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[Model
             _, err = child.communicate()
             if child.returncode:
                 last = (err.strip().splitlines() or ["(no output)"])[-1]
-                raise ExportError(f"dit: the export process failed (exit {child.returncode}): {last}")
+                raise ExportError(f"{slowest}: the export process failed (exit {child.returncode}): {last}")
     finally:
         if child is not None and child.poll() is None:
             child.kill()
@@ -319,7 +323,7 @@ def _export_in_child(source: str, seed: int, precision: str, key: str, out: str)
 
     logging.getLogger("easyanimate_rt").setLevel(logging.WARNING)
     model = load_model_or_preset(source, seed=seed)
-    spec = next(s for s in make_specs(model.config, precision) if s.key == key)
+    spec = next(s for s in make_specs(model.config, precision, EXPORT_NETWORKS) if s.key == key)
     export_graph(model, spec, out)
 
 
@@ -329,9 +333,10 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
                   threads: int | None = None, seed: int = 0, flags: dict[str, Any] | None = None,
                   progress: Callable[[str], None] | None = None,
                   index_info: dict[str, Any] | None = None, encoders: bool = False,
-                  export_dir: Path | None = None) -> list[NetworkBuild]:
+                  export_dir: Path | None = None, step_cache: bool = False) -> list[NetworkBuild]:
     """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring.
     ``encoders``: also the VAE encoder slices (an InP model's mask and masked-video latents);
+    ``step_cache``: the DiT as its head and tail graphs (runtime/step_cache.py), not whole;
     ``export_dir``: where a model source is exported (default ``out_dir/export``; graphs of
     the same model already there are reused)."""
     if backend not in BACKENDS:
@@ -345,7 +350,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
     source_path = Path(source)
 
     def needed(config: ModelConfig) -> list[str]:
-        return graphs_needed([bucket_shapes(config, b, guidance, encoders) for b in buckets])
+        return graphs_needed([bucket_shapes(config, b, guidance, encoders, step_cache) for b in buckets])
 
     if (source_path / EXPORT_INDEX).is_file():
         index = load_export(source_path)
@@ -358,7 +363,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         index = _export_for(str(source), Path(export_dir) if export_dir else out_dir / "export", precision, needed,
                             seed, progress, model)
     config = ModelConfig.from_dict(index.config)
-    shapes = [bucket_shapes(config, b, guidance, encoders) for b in buckets]
+    shapes = [bucket_shapes(config, b, guidance, encoders, step_cache) for b in buckets]
     keys = graphs_needed(shapes)
     missing = [k for k in keys if k not in index.specs]
     if missing:

@@ -27,7 +27,7 @@ class GraphModule(nn.Module):
         self.net = net
         self._fn = fn
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self._fn(self.net, *args)
 
 
@@ -38,6 +38,34 @@ def _text(net, input_ids, attention_mask):
 def _dit(net, latents, timestep, text, text_mask, *inp):
     # inp: inpaint_latents [, clip_embeds, clip_mask] of an InP model (spec.dit_input_names)
     return net(latents, timestep, text, text_mask, *inp)          # (B, C', F, H, W)
+
+
+def _grid(x, frames: int, h: int, w: int):
+    return x.reshape(-1, frames, h, w, x.shape[-1])              # (B*F, L, D) -> (B, F, h, w, D)
+
+
+def _dit_head(net, latents, timestep, text, text_mask, *rest):
+    # rest: the InP inputs of an InP model, then cached_residual (spec.dit_cache_specs)
+    *inp, cached = rest
+    x0, ctx = net.embed(latents, timestep, text, text_mask, *inp)
+    skips: list = []
+    x1 = net.run_blocks(x0, ctx, 0, 1, skips)
+    modulated = net.transformer_blocks[0].modulated_input(x0, ctx.t6, ctx.frames)
+    f, h, w = ctx.frames, ctx.h, ctx.w
+    skip_pred = net.final_layer(x1 + cached.reshape(x1.shape), ctx)
+    return (_grid(x1, f, h, w), _grid(x1 - x0, f, h, w), _grid(modulated, f, h, w), skip_pred,
+            ctx.t6, ctx.t_emb, ctx.text, ctx.text_bias)
+
+
+def _dit_tail(net, x1, t6, t_emb, text_proj, text_bias):
+    from ..reference.dit import StepContext
+
+    b, f, h, w, d = x1.shape
+    ctx = StepContext(t6, t_emb, text_proj, text_bias, f, h, w)
+    x1 = x1.reshape(b * f, h * w, d)
+    skips = [x1] if net.config.num_skips > 0 else []             # block 0 is the first skip source
+    x = net.run_blocks(x1, ctx, 1, net.config.num_layers, skips)
+    return net.final_layer(x, ctx), _grid(x - x1, f, h, w)
 
 
 def _encode(net, frames):
@@ -54,6 +82,8 @@ def graph_module(model, spec: ExportSpec) -> GraphModule:
         return GraphModule(model.text_encoder, _text).eval()
     if spec.network == "dit":
         return GraphModule(model.dit, _dit).eval()
+    if spec.network == "dit_cache":  # step caching's split (spec.dit_cache_specs)
+        return GraphModule(model.dit, {"head": _dit_head, "tail": _dit_tail}[spec.variant]).eval()
     if spec.network == "vae_encoder":
         return GraphModule(model.vae, _encode).eval()
     if spec.network == "vae_decoder":
@@ -67,8 +97,13 @@ def run_torch(model, spec: ExportSpec, feeds: Mapping[str, Any]) -> dict[str, np
     """The reference outputs of ``spec``'s graph for ``feeds`` (numpy or torch), float32."""
     module = graph_module(model, spec)
     args = [torch.as_tensor(np.asarray(feeds[t.name])) for t in spec.inputs]
-    out = module(*args)
-    return {spec.outputs[0].name: out.float().cpu().numpy()}
+    return outputs_of(spec, module(*args))
+
+
+def outputs_of(spec: ExportSpec, out) -> dict[str, np.ndarray]:
+    """A graph module's output (a tensor, or a tuple for multi-output graphs) by name."""
+    outs = out if isinstance(out, tuple) else (out,)
+    return {t.name: o.float().cpu().numpy() for t, o in zip(spec.outputs, outs)}
 
 
 def translation_table() -> dict:

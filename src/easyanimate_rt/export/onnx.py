@@ -88,20 +88,26 @@ def _quiet() -> Iterator[None]:
 
 def _dynamic_shapes(spec: ExportSpec) -> tuple[dict[int, Any], ...]:
     """torch.export dimensions for the inputs (``GraphModule.forward(*args)`` takes them
-    as one varargs tuple); a dimension with a multiple m is m * Dim."""
+    as one varargs tuple); a dimension with a multiple m is m * Dim, and an input entry
+    ``name/k`` (or ``k*name``) is the same Dim times m / k (times k m): derived, not new."""
     from torch.export import Dim
 
-    made: dict[str, Any] = {}
+    from .spec import _EXPR
 
-    def dim(name: str):
-        if name not in made:
+    symbols: dict[str, tuple[Any, int]] = {}  # name -> (Dim, multiple)
+
+    def dim(entry: str):
+        mul, name, div = _EXPR.match(entry).groups()  # type: ignore[union-attr]
+        if name not in symbols:
             d = spec.dim(name)
-            if d.multiple > 1:
-                made[name] = d.multiple * Dim(f"{name}_div{d.multiple}", min=d.min // d.multiple,
-                                              max=d.max // d.multiple)
-            else:
-                made[name] = Dim(name, min=d.min, max=d.max)
-        return made[name]
+            m = d.multiple
+            symbols[name] = (Dim(f"{name}_div{m}" if m > 1 else name, min=d.min // m, max=d.max // m), m)
+        sym, m = symbols[name]
+        factor, rest = divmod(m * int(mul or 1), int(div or 1))
+        if rest or factor < 1:
+            raise ExportError(f"{spec.key}: input dimension {entry!r} is not a whole multiple of {name}'s "
+                              f"multiple {m}")
+        return sym if factor == 1 else factor * sym
 
     return tuple({axis: dim(e) for axis, e in enumerate(t.shape) if isinstance(e, str)}
                  for t in spec.inputs)

@@ -98,7 +98,7 @@ def policy_for(network: str, precision: str, vae: str | None = None) -> Precisio
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     islands = dict(fp32_op_types=_NORM_OPS, fp32_classes=_NORM_CLASSES)
-    if network == "dit":
+    if network in ("dit", "dit_cache"):  # dit_cache: the DiT's head/tail split (step caching)
         if precision == "fp32":
             return PrecisionPolicy(precision)
         compute = "bfloat16" if precision == "bf16" else "float16"

@@ -64,6 +64,7 @@ DEFAULT_OPSET = 19  # >= 19 for FP8 QuantizeLinear/DequantizeLinear; >= 18 asked
 SPEC_FORMAT = 1
 
 NETWORKS = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
+CACHE_NETWORK = "dit_cache"  # dit_cache/head + dit_cache/tail (step caching), exported only when asked for
 ENCODER_VARIANTS = ("image", "slice")
 DECODER_VARIANTS = ("interior", "first", "last", "single", "lone")  # slice-mode VAEs
 CHUNK_DECODER_VARIANTS = ("chunk", "lone")  # chunked (V2) VAEs
@@ -401,6 +402,36 @@ def dit_spec(config: ModelConfig, precision: str = "fp32", *, max_frames: int | 
         sample={"batch": 2, "frames": 2, "height": 2 * mult, "width": 3 * mult})
 
 
+def dit_cache_specs(config: ModelConfig, precision: str = "fp32") -> list[ExportSpec]:
+    """The DiT split for step caching (runtime/step_cache.py), beside the whole-DiT graph:
+
+    ``dit_cache/head``: the DiT's inputs + ``cached_residual`` -> the first block's output
+    ``x1``, its residual ``first_residual`` (FBCache's signal), its timestep-modulated
+    input ``modulated`` (TeaCache's), ``skip_pred`` = the final layer on ``x1 +
+    cached_residual`` (a skipped step's prediction), and the context the tail reads.
+    ``dit_cache/tail``: that context -> ``noise_pred`` (the whole DiT's output) and
+    ``tail_residual`` (last block's output - ``x1``), the residual a skip reuses.
+    Token tensors are laid out (B, F, H/P, W/P, D)."""
+    whole = dit_spec(config, precision)
+    d = config.dit
+    p, dd = d.patch_size, d.hidden_size
+    s_all = config.text_encoder.max_length + (d.clip_tokens if d.clip_channels else 0)
+    grid = ("batch", "frames", f"height/{p}", f"width/{p}", dd)
+    context = [TensorSpec("t6", "float32", ("batch", 6 * dd)), TensorSpec("t_emb", "float32", ("batch", dd)),
+               TensorSpec("text_proj", "float32", ("batch", s_all, dd)),
+               TensorSpec("text_bias", "float32", ("batch", 1, 1, s_all))]
+    x1 = TensorSpec("x1", "float32", grid)
+    pred = whole.outputs[0]
+    dims = [(dim, whole.profiles[0].dims[dim.name]) for dim in whole.dims]
+    head = _assemble(CACHE_NETWORK, "head", config, precision, list(whole.inputs) + [TensorSpec("cached_residual", "float32",
+                                                                                       grid)],
+                     [x1, TensorSpec("first_residual", "float32", grid), TensorSpec("modulated", "float32", grid),
+                      TensorSpec("skip_pred", "float32", pred.shape)] + context, dims, sample=dict(whole.sample))
+    tail = _assemble(CACHE_NETWORK, "tail", config, precision, [x1] + context,
+                     [pred, TensorSpec("tail_residual", "float32", grid)], dims, sample=dict(whole.sample))
+    return [head, tail]
+
+
 def dit_input_names(config: ModelConfig) -> tuple[str, ...]:
     """The DiT graph's inputs, in ``VideoDiT.forward``'s order: the InP ones only when the
     model has them."""
@@ -482,19 +513,22 @@ def vae_decoder_spec(config: ModelConfig, variant: str, precision: str = "fp32",
 
 
 def make_specs(config: ModelConfig, precision: str = "fp32", networks=None) -> list[ExportSpec]:
-    """Specs of every graph of ``networks`` (default: all four networks, all variants)."""
+    """Specs of every graph of ``networks`` (default: all four networks, all variants;
+    ``dit_cache`` adds the step-caching split of the DiT, :func:`dit_cache_specs`)."""
     networks = list(networks or NETWORKS)
     for n in networks:
-        if n not in NETWORKS:
-            raise ConfigError(f"unknown network {n!r}; networks are {list(NETWORKS)}")
+        if n not in NETWORKS + (CACHE_NETWORK,):
+            raise ConfigError(f"unknown network {n!r}; networks are {list(NETWORKS)} (and {CACHE_NETWORK!r})")
     specs: list[ExportSpec] = []
-    for n in NETWORKS:
+    for n in NETWORKS + (CACHE_NETWORK,):
         if n not in networks:
             continue
         if n == "text_encoder":
             specs.append(text_encoder_spec(config, precision))
         elif n == "dit":
             specs.append(dit_spec(config, precision))
+        elif n == CACHE_NETWORK:
+            specs += dit_cache_specs(config, precision)
         elif n == "vae_encoder":
             specs += [vae_encoder_spec(config, v, precision) for v in ENCODER_VARIANTS]
         else:

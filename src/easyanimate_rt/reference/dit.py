@@ -12,6 +12,7 @@ Symbols used in shape comments:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F_
@@ -290,13 +291,23 @@ class VideoDiTBlock(nn.Module):
                 d, cfg.temporal_num_heads, cfg.motion_norm_groups, cfg.temporal_max_positions,
                 cfg.temporal_block_size, global_second=cfg.hybrid_global_attention and index % 2 == 1)
 
+    def modulation(self, t6: torch.Tensor, frames: int) -> tuple[torch.Tensor, ...]:
+        """AdaLN-single: (shift, scale, gate) for attention and for the MLP, (B*F, 1, D) each."""
+        d = self.scale_shift_table.shape[1]
+        mod = self.scale_shift_table[None] + t6.reshape(-1, 6, d)      # (B, 6, D)
+        mod = mod.repeat_interleave(frames, dim=0)                     # (B*F, 6, D)
+        return mod.chunk(6, dim=1)
+
+    def modulated_input(self, x: torch.Tensor, t6: torch.Tensor, frames: int) -> torch.Tensor:
+        """What the spatial attention sees: the timestep-modulated norm of ``x`` (TeaCache's signal)."""
+        shift_msa, scale_msa = self.modulation(t6, frames)[:2]
+        return self.norm1(x) * (1 + scale_msa) + shift_msa
+
     def forward(self, x: torch.Tensor, t6: torch.Tensor, text: torch.Tensor,
                 text_bias: torch.Tensor | None, frames: int, h: int, w: int) -> torch.Tensor:
         bf, l, d = x.shape
         b = bf // frames
-        mod = self.scale_shift_table[None] + t6.reshape(b, 6, d)       # (B, 6, D)
-        mod = mod.repeat_interleave(frames, dim=0)                     # (B*F, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t6, frames)
         # 1. spatial self-attention per frame
         y = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = x + gate_msa * self.attn1(y)
@@ -312,6 +323,18 @@ class VideoDiTBlock(nn.Module):
 
 
 # --- the model ---------------------------------------------------------------------------
+
+class StepContext(NamedTuple):
+    """What every block and the final layer read besides the tokens (VideoDiT.embed)."""
+
+    t6: torch.Tensor                 # (B, 6D) AdaLN-single modulation
+    t_emb: torch.Tensor              # (B, D) embedded timestep (final layer)
+    text: torch.Tensor               # (B, S[+T], D) projected caption [+ CLIP tokens]
+    text_bias: torch.Tensor | None   # (B, 1, 1, S[+T]) additive attention mask
+    frames: int
+    h: int                           # token grid
+    w: int
+
 
 class VideoDiT(nn.Module):
     """EasyAnimate video DiT.
@@ -402,6 +425,20 @@ class VideoDiT(nn.Module):
                 text_mask: torch.Tensor | None = None, inpaint_latents: torch.Tensor | None = None,
                 clip_embeds: torch.Tensor | None = None, clip_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
+        x, ctx = self.embed(latents, timestep, text, text_mask, inpaint_latents, clip_embeds, clip_mask)
+        x = self.run_blocks(x, ctx, 0, self.config.num_layers, [])
+        return self.final_layer(x, ctx)
+
+    # The forward pass in three parts, so that step caching (runtime/step_cache.py) can
+    # run the first block every step and the rest only when its cache says so:
+    #   embed -> run_blocks(0, 1) = head, run_blocks(1, depth) -> final_layer = tail.
+
+    def embed(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+              text_mask: torch.Tensor | None = None, inpaint_latents: torch.Tensor | None = None,
+              clip_embeds: torch.Tensor | None = None, clip_mask: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, "StepContext"]:
+        """Patch, timestep and caption embeddings: (tokens (B*F, L, D), the context every
+        block and the final layer read)."""
         cfg = self.config
         b, c, frames, hh, ww = latents.shape
         p = cfg.patch_size
@@ -437,20 +474,32 @@ class VideoDiT(nn.Module):
         text_bias = None
         if text_mask is not None:
             text_bias = ((1 - text_mask.to(x.dtype)) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, S)
-        # 3. blocks with U-ViT long skips: block k feeds block D-K+(K-1-k)
-        skips: list[torch.Tensor] = []
-        n_skip, depth = cfg.num_skips, cfg.num_layers
-        for i, blk in enumerate(self.transformer_blocks):
+        return x, StepContext(t6, t_emb, text, text_bias, frames, h, w)
+
+    def run_blocks(self, x: torch.Tensor, ctx: "StepContext", start: int, stop: int,
+                   skips: list[torch.Tensor]) -> torch.Tensor:
+        """Blocks ``start`` .. ``stop - 1`` with the U-ViT long skips (block k feeds block
+        D-K+(K-1-k)); ``skips`` holds the outputs of the skip sources run so far."""
+        n_skip, depth = self.config.num_skips, self.config.num_layers
+        for i in range(start, stop):
+            blk = self.transformer_blocks[i]
             if i >= depth - n_skip:
                 x = x + self.long_connect_fc[i - (depth - n_skip)](skips.pop())
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(blk, x, t6, text, text_bias, frames, h, w, use_reentrant=False)
+                x = checkpoint(blk, x, ctx.t6, ctx.text, ctx.text_bias, ctx.frames, ctx.h, ctx.w,
+                               use_reentrant=False)
             else:
-                x = blk(x, t6, text, text_bias, frames, h, w)
+                x = blk(x, ctx.t6, ctx.text, ctx.text_bias, ctx.frames, ctx.h, ctx.w)
             if i < n_skip:
                 skips.append(x)
-        # 4. final layer
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) x2
+        return x
+
+    def final_layer(self, x: torch.Tensor, ctx: "StepContext") -> torch.Tensor:
+        """Tokens after the last block -> (B, C', F, H, W)."""
+        cfg = self.config
+        frames, h, w, p = ctx.frames, ctx.h, ctx.w, cfg.patch_size
+        b = x.shape[0] // frames
+        shift, scale = (self.scale_shift_table[None] + ctx.t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) x2
         shift = shift.repeat_interleave(frames, dim=0)
         scale = scale.repeat_interleave(frames, dim=0)
         x = self.norm_out(x) * (1 + scale) + shift
@@ -458,4 +507,4 @@ class VideoDiT(nn.Module):
         co = cfg.out_channels
         x = x.reshape(b, frames, h, w, p, p, co)
         x = x.permute(0, 6, 1, 2, 4, 3, 5)                             # (B, C', F, h, P, w, P)
-        return x.reshape(b, co, frames, hh, ww)                        # (B, C', F, H, W)
+        return x.reshape(b, co, frames, h * p, w * p)                  # (B, C', F, H, W)

@@ -43,6 +43,7 @@ from ..reference.config import ModelConfig, from_preset, model_fingerprint, pres
 from ..reference.request import GenerationRequest, default_request
 from ..reference.schedule import NumpySampler, SeededNoise
 from .budget import check_budget
+from .step_cache import CacheSettings, StepCache, load_rescale, rel_l1
 from .engine import Engine
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def resolve_device(device: str, cpu_backend: bool = False) -> str:
 
 
 def network_of(key: str) -> str:
-    return "vae" if key.startswith("vae") else key
+    """The backend choice a graph follows: ``vae_decoder/first`` -> vae, ``dit_cache/head`` -> dit."""
+    return "vae" if key.startswith("vae") else "dit" if key.startswith("dit") else key
 
 
 def read_config(source: str | Path) -> ModelConfig | None:
@@ -129,7 +131,7 @@ class Pipeline:
                  cache: EngineCache, engine_dir: Path | None = None, precision: str = "fp32",
                  threads: int | None = None, seed: int = 0, compile: bool = True, fingerprint: str = "",
                  progress: Callable[[str], None] | None = None, model=None, device: str = "cpu",
-                 cuda_graphs: bool = True, clip_encoder=None):
+                 cuda_graphs: bool = True, clip_encoder=None, step_cache: CacheSettings | None = None):
         self.config = config
         self.source = source
         self.tokenize = tokenizer  # prompts -> (input_ids, attention_mask) int64 (B, S)
@@ -148,6 +150,9 @@ class Pipeline:
         self.device = device
         self.cuda_graphs = cuda_graphs
         self.clip_encoder = clip_encoder  # image (H, W, 3) uint8 -> (1, K) torch; InP image-to-video
+        self.step_cache = step_cache or CacheSettings()  # runtime/step_cache.py; "none": the whole DiT
+        self.last_cache_report: dict[str, Any] | None = None
+        self.last_cache_pairs: list[tuple[float, float]] = []
 
     # --- construction --------------------------------------------------------------------
 
@@ -157,17 +162,25 @@ class Pipeline:
                         buckets: list[Bucket] | None = None, threads: int | None = None, seed: int = 0,
                         compile: bool = True, guidance: str = "batched",
                         progress: Callable[[str], None] | None = None, device: str = "auto",
-                        cuda_graphs: bool = True, clip_model: str | Path | None = None) -> "Pipeline":
+                        cuda_graphs: bool = True, clip_model: str | Path | None = None,
+                        cache: str | CacheSettings = "none", cache_threshold: float | None = None) -> "Pipeline":
         """``source``: a model directory or preset name. Loads (or, on first use, builds)
         the engines ``buckets`` need (default: the model's default size). ``device``
         "cuda" runs the torch backend on the GPU (``precision`` fp32, bf16 or fp16) with
         its denoising step in a CUDA graph (runtime/cuda_graphs.py) unless
         ``cuda_graphs=False``; "auto" is cuda where a CUDA device is visible (then
-        ``precision`` defaults to bf16), else cpu (fp32)."""
+        ``precision`` defaults to bf16), else cpu (fp32). ``cache``: step caching
+        (runtime/step_cache.py: "fbcache", "teacache" or CacheSettings) with its
+        ``cache_threshold``; the DiT then runs as its head and tail engines."""
         t0 = time.perf_counter()
+        settings = cache if isinstance(cache, CacheSettings) else CacheSettings(
+            cache, cache_threshold, rescale=load_rescale(source) if cache == "teacache" else None)
         explicit = backend != "auto"
         backends = parse_backend(backend)
         device = resolve_device(device, explicit and "ort" in backends.values())
+        if settings.enabled and device != "cpu":
+            raise InputError(f"step caching (--cache {settings.policy}) runs on the CPU runtime; the GPU loop "
+                             f"(--device {device}) does not have it yet: use --device cpu or --cache none")
         precision = precision or ("fp32" if device == "cpu" else "bf16")
         if device != "cpu":
             if not set(backends.values()) <= {"torch"}:
@@ -196,7 +209,8 @@ class Pipeline:
             clip_encoder = ClipImageEncoder.from_pretrained(clip_model, "cpu")
         pipe = cls(config, source, None, backends, cache=cache, engine_dir=engine_dir, precision=precision,
                    threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
-                   model=model, device=device, cuda_graphs=cuda_graphs, clip_encoder=clip_encoder)
+                   model=model, device=device, cuda_graphs=cuda_graphs, clip_encoder=clip_encoder,
+                   step_cache=settings)
         for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
             pipe.ensure(b, guidance)
         if tok_dir is None and pipe._model is not None:  # a preset in memory: its own tokenizer
@@ -221,7 +235,7 @@ class Pipeline:
         if self._engine_dir is not None:
             return self._engine_dir / guidance
         return (self.cache.root / MODELS_DIR / f"{self.config.name}-{self.fingerprint[:16]}"
-                / f"{ORT_ENGINES}-{self.precision}-{guidance}")
+                / f"{ORT_ENGINES}-{self.precision}-{guidance}{'-split' if self.step_cache.enabled else ''}")
 
     def model(self):
         """The reference model (torch), loaded on first need: the torch backend, builds."""
@@ -235,7 +249,8 @@ class Pipeline:
         """Engines for every graph ``bucket`` runs with ``guidance``: loaded, built into the
         engine cache (compile on first use), or a ShapeError naming what was built."""
         # An InP model encodes a mask and a masked video for every request (text-to-video too).
-        shapes = bucket_shapes(self.config, bucket, guidance, image_to_video=self.config.dit.inpaint)
+        shapes = bucket_shapes(self.config, bucket, guidance, image_to_video=self.config.dit.inpaint,
+                               step_cache=self.step_cache.enabled)
         missing = [k for k in graphs_needed([shapes]) if not self._covers(guidance, k, shapes.dims[k])]
         ort_missing = [k for k in missing if self.backends[network_of(k)] == "ort"]
         for key in missing:
@@ -296,7 +311,7 @@ class Pipeline:
                 # cores from the running one (decode 45 -> 99 ms). One activation arena for
                 # all engines: the decoder variants do not each keep a slice's peak.
                 engine = OrtEngine(directory / entry["dir"], export.specs[key], export.path(key), self.threads,
-                                   spinning=key == "dit", shared_arena=True)
+                                   spinning=key.startswith("dit"), shared_arena=True)
                 if not engine.covers(dims[key]):
                     return False
                 loaded[key] = engine
@@ -320,7 +335,8 @@ class Pipeline:
                       guidance=guidance, precision=self.precision, cache=self.cache, model=self.model(),
                       threads=self.threads, seed=self.seed, progress=self.progress,
                       index_info={"source_sha256": self.fingerprint}, encoders=self.config.dit.inpaint,
-                      export_dir=directory.parent / f"export-{self.precision}")  # shared by both guidance modes
+                      export_dir=directory.parent / f"export-{self.precision}",  # shared by both guidance modes
+                      step_cache=self.step_cache.enabled)
         if not Path(self.source).is_dir():
             self.model().text_encoder.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self.timings["build"] = self.timings.get("build", 0.0) + time.perf_counter() - t0
@@ -382,7 +398,8 @@ class Pipeline:
         g = req.guidance_scale
         guidance = self.guidance_of(req)
         batched = guidance == "batched"
-        dit = self.engine("dit", guidance)
+        cache = StepCache(self.step_cache, req.steps) if self.step_cache.enabled else None
+        dit = self.engine("dit", guidance) if cache is None else None
         sampler = NumpySampler(req.sampler, req.steps)
         noise_of = SeededNoise(req.seed)
         shape = req.latent_shape(self.config)
@@ -412,12 +429,14 @@ class Pipeline:
             clip_inputs = clip_shown if i >= req.steps * (1 - req.clip_apply_ratio) else clip_hidden
             return {"latents": latents, "timestep": timestep, **fixed[k], **clip_inputs[k]}
 
+        step = (lambda i: [np.asarray(dit.run(feeds(k, i))["noise_pred"]) for k in range(len(branches))]
+                ) if cache is None else self._cached_step(cache, guidance, feeds, len(branches))
         for i in range(req.steps):
             t0 = time.perf_counter()
             xin = sampler.scale_model_input(x, i)
             latents[:] = xin
             timestep[:] = sampler.timesteps[i]
-            outs = [np.asarray(dit.run(feeds(k, i))["noise_pred"])[:, :c] for k in range(len(branches))]
+            outs = [o[:, :c] for o in step(i)]
             out = np.concatenate(outs) if len(outs) > 1 else outs[0]
             out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
             eps = sampler.epsilon(i, xin, out_u + g * (out_c - out_u), self.config.dit.prediction_type)
@@ -428,7 +447,47 @@ class Pipeline:
                 trace.append(x.copy())
             if callback is not None:
                 callback(i + 1, req.steps)
+        self.last_cache_report = cache.report() if cache is not None else None
+        self.last_cache_pairs = cache.pairs if cache is not None else []
         return x
+
+    def _cached_step(self, cache: StepCache, guidance: str, feeds: Callable[[int, int], dict[str, np.ndarray]],
+                     n_branches: int) -> Callable[[int], list[np.ndarray]]:
+        """One denoising step on the head and tail engines (runtime/step_cache.py): the
+        head every step, the tail when the cache computes or checks; both guidance
+        branches share the decision (signals and errors over all of them)."""
+        head, tail = self.engine("dit_cache/head", guidance), self.engine("dit_cache/tail", guidance)
+        residual: list[np.ndarray | None] = [None] * n_branches  # the tail residual the last computed step left
+        tail_inputs = [t.name for t in tail.spec.inputs]
+
+        def step(i: int) -> list[np.ndarray]:
+            heads = []
+            for k in range(n_branches):
+                f = feeds(k, i)
+                if residual[k] is None:
+                    b, _, fr, hh, ww = f["latents"].shape
+                    p, d = self.config.dit.patch_size, self.config.dit.hidden_size
+                    residual[k] = np.zeros((b, fr, hh // p, ww // p, d), np.float32)
+                heads.append(head.run({**f, "cached_residual": residual[k]}))
+            signals = {name: np.concatenate([np.asarray(h[name]) for h in heads])
+                       for name in ("first_residual", "modulated")}
+            decision = cache.decide(i, signals)
+            cached = [np.asarray(h["skip_pred"]) for h in heads]
+            if decision == "skip":
+                return cached
+            outs = []
+            for k, h in enumerate(heads):
+                t = tail.run({name: h[name] for name in tail_inputs})
+                outs.append(np.asarray(t["noise_pred"]))
+                residual[k] = np.asarray(t["tail_residual"])
+            pred = np.concatenate(outs)
+            if decision == "check":
+                cache.checked(i, rel_l1(np.concatenate(cached), pred))
+            cache.observe(i, pred, consecutive=i > 0 and cache.decisions[i - 1] != "skip")
+            cache.computed(i, signals)
+            return outs
+
+        return step
 
     def inpaint_latents(self, req: GenerationRequest, guidance: str = "batched") -> np.ndarray | None:
         """(1, 2C, F', h, w) mask + masked-video latents for an InP model, else None; as
@@ -493,6 +552,8 @@ class Pipeline:
         steps: list[float] = []
         latents = self.denoise(req, emb, mask, callback, steps)
         timings["denoise"], timings["steps"] = time.perf_counter() - t, steps
+        if self.last_cache_report is not None:
+            timings["step_cache"] = self.last_cache_report
         t, write = time.perf_counter(), 0.0
         chunks = []
         for chunk in self.iter_frames(latents, self.guidance_of(req)):
@@ -569,9 +630,9 @@ def _check_cuda(device: str) -> None:
 
 
 def _spec(config: ModelConfig, key: str):
-    from ..export.spec import make_specs
+    from ..export.spec import CACHE_NETWORK, NETWORKS, make_specs
 
-    return next(s for s in make_specs(config) if s.key == key)
+    return next(s for s in make_specs(config, networks=NETWORKS + (CACHE_NETWORK,)) if s.key == key)
 
 
 def _load_model(source: str | Path, seed: int):

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ...export.graphs import graph_module
+from ...export.graphs import graph_module, outputs_of
 from ...export.spec import ExportSpec
 from ..engine import EngineBase
 
@@ -42,4 +42,4 @@ class TorchEngine(EngineBase):
             args.append(value.to(param.dtype) if value.is_floating_point() else value)
         with torch.no_grad():
             out = self.module(*args)
-        return {self.spec.outputs[0].name: out.float().cpu().numpy()}
+        return outputs_of(self.spec, out)
