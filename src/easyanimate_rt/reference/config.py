@@ -553,7 +553,8 @@ def preset_name(source: str | Path) -> str:
 
 
 def model_fingerprint(source: str | Path, seed: int = 0) -> str:
-    """sha256 over a model directory's files (names and contents; model cards aside), or
+    """sha256 over a model directory's files (names and contents; model cards and the
+    step-cache rescale file, which steers the runtime but no engine, aside), or
     of a preset's name, seed and torch version (which draw its random weights). Engines
     and exports record it, so a changed model never reuses them. Files of 64 MiB and more
     (release weights: gigabytes, hashed at every start otherwise) count by size,
@@ -563,7 +564,8 @@ def model_fingerprint(source: str | Path, seed: int = 0) -> str:
     h = hashlib.sha256()
     path = Path(source)
     if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix != ".md"):
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix != ".md"
+                        and p.name != STEP_CACHE_NAME):
             h.update(str(f.relative_to(path)).encode() + b"\0")
             st = f.stat()
             with open(f, "rb") as fh:
@@ -583,3 +585,4 @@ def model_fingerprint(source: str | Path, seed: int = 0) -> str:
 
 
 LARGE_FILE = 64 << 20
+STEP_CACHE_NAME = "step_cache.json"  # runtime/step_cache.py's fitted TeaCache rescale

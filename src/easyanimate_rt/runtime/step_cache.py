@@ -36,13 +36,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..reference.config import STEP_CACHE_NAME
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("none", "fbcache", "teacache")
 #: Default thresholds, chosen on the shipped model (benchmarks/step_cache.py).
 DEFAULT_THRESHOLDS = {"fbcache": 0.05, "teacache": 0.10}
-RESCALE_NAME = "step_cache.json"
+RESCALE_NAME = STEP_CACHE_NAME  # beside the model's config; not part of its fingerprint
 
 
 @dataclass
