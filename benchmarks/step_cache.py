@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-SWEEP = {"fbcache": [0.02, 0.05, 0.08, 0.12, 0.2, 0.3], "teacache": [0.05, 0.1, 0.2, 0.3, 0.5, 0.8]}
+SWEEP = {"fbcache": [0.1, 0.2, 0.3, 0.5], "teacache": [0.2, 0.4, 0.8, 1.2]}
 PROMPT = "a red circle moving left on a white background"
 
 

@@ -307,11 +307,12 @@ class Pipeline:
                 if entry is None:
                     return False
                 # The DiT's threads spin between the loop's small ops (1.6x on the shipped
-                # model); the others' must not, as spinning pools of idle sessions take the
+                # model; with step caching the tail's, not the head's: two spinning
+                # sessions take the cores from each other, 2x slower); the others' must not, as spinning pools of idle sessions take the
                 # cores from the running one (decode 45 -> 99 ms). One activation arena for
                 # all engines: the decoder variants do not each keep a slice's peak.
                 engine = OrtEngine(directory / entry["dir"], export.specs[key], export.path(key), self.threads,
-                                   spinning=key.startswith("dit"), shared_arena=True)
+                                   spinning=key in ("dit", "dit_cache/tail"), shared_arena=True)
                 if not engine.covers(dims[key]):
                     return False
                 loaded[key] = engine
