@@ -64,15 +64,10 @@ def measure(fn: Callable[[], Any], repeat: int = 10, warmup: int = 2, sync: Call
     return Stats(times)
 
 
-@functools.cache
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from easyanimate_rt.engines.manifest import cpu_name as name  # what engine manifests record
+
+    return name()
 
 
 def gpu_name() -> str:
