@@ -240,6 +240,15 @@ class NumpySampler:
             self._prev = x0
         return np.asarray(out, np.float32)
 
+    @property
+    def history(self) -> np.ndarray | None:
+        """A multistep sampler's memory of earlier steps (DPM++: the last x0), or None."""
+        return self._prev
+
+    @history.setter
+    def history(self, value: np.ndarray | None) -> None:
+        self._prev = None if value is None else np.asarray(value, np.float32)
+
 
 def check_seed(seed: Any) -> int:
     lo, hi = SEED_RANGE
@@ -258,3 +267,12 @@ class SeededNoise:
 
     def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
         return self._rng.standard_normal(shape, dtype=np.float32)
+
+    @property
+    def state(self) -> dict:
+        """The generator's position in the stream (JSON-serialisable), for a resumed loop."""
+        return self._rng.bit_generator.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self._rng.bit_generator.state = value

@@ -28,15 +28,18 @@ log = logging.getLogger(__name__)
 
 def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_graph: bool = True,
                       callback: Callable[[int, int], None] | None = None, trace: list | None = None,
-                      inpaint=None, clip=None):
+                      inpaint=None, clip=None, checkpoints=None):
     """Final latents (1, C, F, h, w) float32 on ``device``; same noise stream and sampler
     tables as the reference pipeline. ``emb``/``mask``: (2, S, E)/(2, S) [negative, positive];
     InP models: ``inpaint`` (1, 2C, F, h, w) and ``clip`` ((2, K) embeds, (2, T) mask), as
     the runtime's ``inpaint_latents``/``clip_condition`` give them (the CLIP inputs are
-    buffers refilled before each step: zeros before the last ``clip_apply_ratio``)."""
+    buffers refilled before each step: zeros before the last ``clip_apply_ratio``).
+    ``checkpoints`` (runtime.pipeline.Checkpoints): start from its ``resume`` state and
+    hand a LoopState to its ``save`` every ``every`` steps (one device -> host copy then)."""
     import torch
 
     from ..reference.samplers import make_sampler
+    from .loop_state import LoopState, request_key
 
     dit = model.dit
     dtype = dit.proj_out.weight.dtype
@@ -99,8 +102,18 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
     graph = None
     if cuda_graph and req.steps > 1:
         graph = _capture(step, x, sampler)
+    start = 0
+    resume = checkpoints.resume if checkpoints is not None else None
+    if resume is not None:  # after capture: the graph reads these buffers, so fill them in place
+        start = resume.step
+        x.copy_(torch.from_numpy(resume.latents))
+        if resume.history is not None:
+            if sampler._prev_x0 is None:
+                sampler._prev_x0 = torch.zeros_like(x, dtype=torch.float32)
+            sampler._prev_x0.copy_(torch.from_numpy(resume.history))
+        noise_of.state = resume.noise
     with torch.no_grad():
-        for i in range(req.steps):
+        for i in range(start, req.steps):
             feed(i)
             if graph is not None:
                 graph.replay()
@@ -108,6 +121,10 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
                 step()
             if trace is not None:
                 trace.append(x.detach().float().cpu().numpy())
+            if checkpoints is not None and checkpoints.due(i + 1, req.steps):
+                history = sampler._prev_x0
+                checkpoints.save(LoopState(request_key(req), i + 1, x.detach().float().cpu().numpy(),
+                                           None if history is None else history.cpu().numpy(), noise_of.state))
             if callback is not None:
                 callback(i + 1, req.steps)
     return x

@@ -43,8 +43,9 @@ from ..reference.config import ModelConfig, from_preset, model_fingerprint, pres
 from ..reference.request import GenerationRequest, default_request
 from ..reference.schedule import NumpySampler, SeededNoise
 from .budget import check_budget
-from .step_cache import CacheSettings, StepCache, load_rescale, rel_l1
 from .engine import Engine
+from .loop_state import LoopState, request_key
+from .step_cache import CacheSettings, StepCache, load_rescale, rel_l1
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,25 @@ BACKENDS = ("auto", "torch", "torch-compile", "ort")
 TORCH_BACKENDS = ("torch", "torch-compile")  # the reference modules, eager or under torch.compile
 ORT_ENGINES = "ort-cpu"  # the engines.build backend of the runtime's "ort"
 ORT_PRECISIONS = ("fp32", "fp16")  # fp16 graphs keep their fp32 islands; ORT CPU runs both
-StepCallback = Callable[[int, int], None]
+StepCallback = Callable[[int, int], None]  # (steps done, total); may raise to stop the run
+
+
+@dataclass
+class Checkpoints:
+    """Where a denoising loop starts and what it saves: ``resume`` (a LoopState from an
+    interrupted run of the same request, or None) and ``save`` (called with the loop's
+    state after every ``every``-th step, not after the last)."""
+
+    save: Callable[[LoopState], None] | None = None
+    every: int = 0
+    resume: LoopState | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
+            raise InputError(f"checkpoint interval must be an integer >= 0 (0: never), got {self.every!r}")
+
+    def due(self, done: int, total: int) -> bool:
+        return self.save is not None and self.every > 0 and done % self.every == 0 and done < total
 
 
 def parse_backend(text: str) -> dict[str, str]:
@@ -385,15 +404,22 @@ class Pipeline:
 
     def denoise(self, req: GenerationRequest, emb: np.ndarray, mask: np.ndarray,
                 callback: StepCallback | None = None, step_times: list[float] | None = None,
-                trace: list | None = None) -> np.ndarray:
+                trace: list | None = None, checkpoints: Checkpoints | None = None) -> np.ndarray:
         """The reference's denoising loop on the DiT engine; float32 latents (1, C, F, h, w).
-        ``step_times`` and ``trace`` (lists) receive each step's seconds and latents."""
+        ``step_times`` and ``trace`` (lists) receive each step's seconds and latents;
+        ``checkpoints`` resumes from and saves LoopStates (runtime/loop_state.py)."""
+        checkpoints = checkpoints or Checkpoints()
+        if checkpoints.resume is not None:
+            checkpoints.resume.check(req)
+            if checkpoints.resume.latents.shape != req.latent_shape(self.config):
+                raise InputError(f"resume: the state's latents are {checkpoints.resume.latents.shape}, this "
+                                 f"request's are {req.latent_shape(self.config)}")
         if self.device != "cpu":  # device tensors throughout, the step in a CUDA graph
             from .cuda_graphs import denoise_on_device
 
             x = denoise_on_device(self.model(), req, emb, mask, device=self.device, cuda_graph=self.cuda_graphs,
                                   callback=callback, trace=trace, inpaint=self.inpaint_latents(req),
-                                  clip=self.clip_condition(req))
+                                  clip=self.clip_condition(req), checkpoints=checkpoints)
             return x.float().cpu().numpy()
         c = self.config.vae.latent_channels
         g = req.guidance_scale
@@ -405,6 +431,11 @@ class Pipeline:
         noise_of = SeededNoise(req.seed)
         shape = req.latent_shape(self.config)
         x = noise_of(shape) * np.float32(sampler.init_noise_sigma)
+        start, key = 0, request_key(req)
+        if checkpoints.resume is not None:  # the interrupted run's latents, sampler history and noise stream
+            start, x = checkpoints.resume.step, checkpoints.resume.latents.astype(np.float32, copy=True)
+            sampler.history = checkpoints.resume.history
+            noise_of.state = checkpoints.resume.noise
         batch = 2 if batched else 1
         latents = np.empty((batch, *shape[1:]), np.float32)  # persistent input buffers
         timestep = np.empty((batch,), np.float32)
@@ -432,7 +463,7 @@ class Pipeline:
 
         step = (lambda i: [np.asarray(dit.run(feeds(k, i))["noise_pred"]) for k in range(len(branches))]
                 ) if cache is None else self._cached_step(cache, guidance, feeds, len(branches))
-        for i in range(req.steps):
+        for i in range(start, req.steps):
             t0 = time.perf_counter()
             xin = sampler.scale_model_input(x, i)
             latents[:] = xin
@@ -446,6 +477,10 @@ class Pipeline:
                 step_times.append(time.perf_counter() - t0)
             if trace is not None:
                 trace.append(x.copy())
+            if checkpoints.due(i + 1, req.steps):
+                history = sampler.history
+                checkpoints.save(LoopState(key, i + 1, x.copy(), None if history is None else history.copy(),
+                                           noise_of.state))
             if callback is not None:
                 callback(i + 1, req.steps)
         self.last_cache_report = cache.report() if cache is not None else None
@@ -484,7 +519,8 @@ class Pipeline:
             pred = np.concatenate(outs)
             if decision == "check":
                 cache.checked(i, rel_l1(np.concatenate(cached), pred))
-            cache.observe(i, pred, consecutive=i > 0 and cache.decisions[i - 1] != "skip")
+            # the step before this one computed too (decisions[-1] is this step's)
+            cache.observe(i, pred, consecutive=len(cache.decisions) > 1 and cache.decisions[-2] != "skip")
             cache.computed(i, signals)
             return outs
 
@@ -542,7 +578,7 @@ class Pipeline:
             yield frames_to_uint8(np.asarray(frames)[0])
 
     def _run(self, req: GenerationRequest, callback: StepCallback | None, sink: Callable[[np.ndarray], None] | None,
-             max_tokens: int | None) -> Video:
+             max_tokens: int | None, checkpoints: Checkpoints | None = None) -> Video:
         t0 = time.perf_counter()
         self.prepare(req, max_tokens)
         timings: dict[str, Any] = {"load": self.timings.get("load", 0.0), "prepare": time.perf_counter() - t0}
@@ -551,7 +587,7 @@ class Pipeline:
         timings["text"] = time.perf_counter() - t
         t = time.perf_counter()
         steps: list[float] = []
-        latents = self.denoise(req, emb, mask, callback, steps)
+        latents = self.denoise(req, emb, mask, callback, steps, checkpoints=checkpoints)
         timings["denoise"], timings["steps"] = time.perf_counter() - t, steps
         if self.last_cache_report is not None:
             timings["step_cache"] = self.last_cache_report
@@ -568,9 +604,9 @@ class Pipeline:
         frames = np.concatenate(chunks) if chunks else None
         return Video(frames, self.config.sampling.fps, latents, timings)
 
-    def run(self, req: GenerationRequest, callback: StepCallback | None = None, max_tokens: int | None = None
-            ) -> Video:
-        return self._run(req, callback, None, max_tokens)
+    def run(self, req: GenerationRequest, callback: StepCallback | None = None, max_tokens: int | None = None,
+            checkpoints: Checkpoints | None = None) -> Video:
+        return self._run(req, callback, None, max_tokens, checkpoints)
 
     def __call__(self, prompt: str | list[str], callback: StepCallback | None = None, **kwargs
                  ) -> Video | list[Video]:
@@ -588,14 +624,14 @@ class Pipeline:
     generate = __call__
 
     def generate_to(self, path: str | Path, req: GenerationRequest, callback: StepCallback | None = None,
-                    max_tokens: int | None = None) -> Video:
+                    max_tokens: int | None = None, checkpoints: Checkpoints | None = None) -> Video:
         """Generate ``req`` and stream its frames into ``path`` as each decoder slice comes
         (the file appears complete or not at all). Returns the timings, no frames."""
         check_output_path(path)
         req.validate(self.config)
         writer = VideoWriter(path, self.config.sampling.fps).__enter__()
         try:
-            video = self._run(req, callback, writer.write, max_tokens)
+            video = self._run(req, callback, writer.write, max_tokens, checkpoints)
         except BaseException as exc:  # Ctrl-C included: no partial file
             writer.__exit__(type(exc), exc, exc.__traceback__)
             raise
