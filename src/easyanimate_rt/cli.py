@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.cli import add_data_parser
     from .engines.cli import add_build_parser
     from .export.cli import add_export_parser
+    from .runtime.serve.cli import add_serve_parser
     from .train.cli import add_train_parser
     from .validate.cli import add_verify_parser
 
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_verify_parser(sub)
     add_build_parser(sub)
+    add_serve_parser(sub, default_model)
     return parser
 
 

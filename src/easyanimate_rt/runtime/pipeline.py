@@ -61,18 +61,22 @@ StepCallback = Callable[[int, int], None]  # (steps done, total); may raise to s
 class Checkpoints:
     """Where a denoising loop starts and what it saves: ``resume`` (a LoopState from an
     interrupted run of the same request, or None) and ``save`` (called with the loop's
-    state after every ``every``-th step, not after the last)."""
+    state after every ``every``-th step, not after the last, and after any step where
+    ``urgent()`` is true: a server about to stop keeps the step it reached)."""
 
     save: Callable[[LoopState], None] | None = None
     every: int = 0
     resume: LoopState | None = None
+    urgent: Callable[[], bool] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 0:
             raise InputError(f"checkpoint interval must be an integer >= 0 (0: never), got {self.every!r}")
 
     def due(self, done: int, total: int) -> bool:
-        return self.save is not None and self.every > 0 and done % self.every == 0 and done < total
+        if self.save is None or done >= total:
+            return False
+        return (self.every > 0 and done % self.every == 0) or (self.urgent is not None and self.urgent())
 
 
 def parse_backend(text: str) -> dict[str, str]:

@@ -1,0 +1,228 @@
+"""The HTTP job API (FastAPI) over the job store.
+
+    POST   /v1/videos                 submit (202); Idempotency-Key makes a retry return the same job
+    GET    /v1/videos                 list, newest first (?limit=, ?after=ID, ?status=)
+    GET    /v1/videos/{id}            status, progress, queue position, error, timings, times
+    GET    /v1/videos/{id}/events     server-sent events: the same record at every step, to the end
+    GET    /v1/videos/{id}/content    the mp4 (409 until completed)
+    POST   /v1/videos/{id}/cancel     cooperative: at the next denoising-step boundary
+    DELETE /v1/videos/{id}            the job and its file
+    GET    /healthz                   liveness (no API key)
+    GET    /metrics                   Prometheus text
+
+Imported only by the server (fastapi is the [serve] extra). Every error is JSON, ``{"error": {"type": ..., "message": ...}}``, the message naming
+the rule and the value; bad requests are 400, an over-long body 413, a full queue 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import threading
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ...errors import EasyAnimateError, InputError
+from ...reference.config import ModelConfig
+from .jobs import Limits, body_model, resolve_request
+from .metrics import Metrics
+from .store import FINAL, STATUSES, Conflict, Job, JobStore, QueueFull
+
+MAX_PAGE = 100
+
+
+class NotFound(EasyAnimateError):
+    pass
+
+
+class Unauthorized(EasyAnimateError):
+    pass
+
+
+class TooLarge(EasyAnimateError):
+    pass
+
+
+ERRORS = ((NotFound, 404, "not_found"), (Unauthorized, 401, "unauthorized"), (TooLarge, 413, "too_large"),
+          (QueueFull, 429, "queue_full"), (Conflict, 409, "conflict"), (InputError, 400, "invalid_request"))
+
+
+def job_json(job: Job, store: JobStore) -> dict[str, Any]:
+    return {
+        "id": job.id, "object": "video", "status": job.status,
+        "progress": {"step": job.step, "total_steps": job.total_steps,
+                     "percent": round(100.0 * job.step / job.total_steps, 1)},
+        "queue_position": store.queue_position(job), "error": job.error, "timings": job.timings,
+        "created_at": job.created, "started_at": job.started, "finished_at": job.finished,
+        "request": job.request, "worker": job.worker, "attempts": job.attempts, "resumed_from_step": job.resumed_from,
+        "cancel_requested": job.cancel_requested,
+        "content_url": f"/v1/videos/{job.id}/content" if job.status == "completed" else None,
+    }
+
+
+def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key: str | None = None,
+               max_queue: int = 64, wake: threading.Event | None = None, metrics: Metrics | None = None,
+               info: dict[str, Any] | None = None):
+    VideoRequest = body_model()
+    metrics = metrics or Metrics(store)
+    app = FastAPI(title="easyanimate-rt", summary="text-to-video jobs on the easyanimate-rt runtime")
+
+    def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+    @app.exception_handler(EasyAnimateError)
+    async def known(_, exc: EasyAnimateError):
+        for cls, status, kind in ERRORS:
+            if isinstance(exc, cls):
+                headers = {"Retry-After": "5"} if status == 429 else None
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else headers
+                return error(status, kind, str(exc), headers)
+        return error(500, "server_error", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing(_, exc: StarletteHTTPException):  # no such route (404), wrong method (405)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return error(exc.status_code, kind, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+        return error(400, "invalid_request", f"{where}: {first.get('msg')}, got {first.get('input')!r}")
+
+    def authorised(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not token:
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer KEY' (or 'X-API-Key: KEY')")
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise Unauthorized("the API key is wrong")
+
+    def find(job_id: str) -> Job:
+        job = store.get(job_id)  # an id that is not vid_ + 24 hex digits is never looked up
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        return job
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "model": config.name, **(info or {})}
+
+    api = APIRouter(dependencies=[Depends(authorised)])
+
+    @api.post("/v1/videos", status_code=202)
+    async def submit(request: Request):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit), "
+                           f"got {length}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit)")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"the request body must be JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"the request body must be a JSON object, got {type(data).__name__}")
+        try:
+            fields = VideoRequest.model_validate(data).model_dump()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise InputError(f"{where}: {first['msg']}, got {first.get('input')!r}") from None
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise InputError(f"Idempotency-Key must be 1 to 255 characters, got {len(key)}")
+        if key is not None:  # a retry's drawn seed must not make it a different request
+            known = await run_in_threadpool(store.by_key, key)
+            if known is not None and fields.get("seed") is None:
+                fields["seed"] = known.request["seed"]
+        resolved, req = resolve_request(fields, config, limits)
+        job, created = await run_in_threadpool(store.submit, resolved, req.steps, key, max_queue)
+        if created and wake is not None:
+            wake.set()
+        return JSONResponse(job_json(job, store), status_code=202 if created else 200,
+                            headers={"Location": f"/v1/videos/{job.id}"})
+
+    @api.get("/v1/videos")
+    def listing(limit: int = 20, after: str | None = None, status: str | None = None) -> dict:
+        if not 1 <= limit <= MAX_PAGE:
+            raise InputError(f"limit must be in [1, {MAX_PAGE}], got {limit}")
+        if status is not None and status not in STATUSES:
+            raise InputError(f"status must be one of {list(STATUSES)}, got {status!r}")
+        if after is not None:
+            find(after)
+        with store.snapshot():
+            jobs = store.list(limit + 1, after, status)
+            page = [job_json(j, store) for j in jobs[:limit]]
+        return {"object": "list", "data": page, "has_more": len(jobs) > limit,
+                "next_after": page[-1]["id"] if len(jobs) > limit else None}
+
+    @api.get("/v1/videos/{job_id}")
+    def status(job_id: str) -> dict:
+        return job_json(find(job_id), store)
+
+    @api.get("/v1/videos/{job_id}/events")
+    async def events(job_id: str, request: Request):
+        await run_in_threadpool(find, job_id)
+
+        async def stream():
+            last = None
+            while True:
+                job = await run_in_threadpool(store.get, job_id)
+                if job is None:
+                    yield {"event": "deleted", "data": json.dumps({"id": job_id})}
+                    return
+                record = job_json(job, store)
+                seen = (job.status, job.step, record["queue_position"])
+                if seen != last:
+                    last = seen
+                    yield {"event": job.status if job.status in FINAL else "progress", "data": json.dumps(record)}
+                if job.status in FINAL or await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.05)
+
+        return EventSourceResponse(stream())
+
+    @api.get("/v1/videos/{job_id}/content")
+    def content(job_id: str):
+        job = find(job_id)
+        if job.status != "completed":
+            raise Conflict(f"job {job_id} is {job.status}; its video is there once it is completed")
+        path = store.output(job_id)
+        if not path.exists():
+            raise NotFound(f"job {job_id}'s video is missing from the store")
+        return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @api.post("/v1/videos/{job_id}/cancel")
+    def cancel(job_id: str) -> dict:
+        find(job_id)
+        return job_json(store.cancel(job_id), store)
+
+    @api.delete("/v1/videos/{job_id}")
+    def delete(job_id: str) -> dict:
+        find(job_id)
+        store.delete(job_id)
+        return {"id": job_id, "object": "video", "deleted": True}
+
+    @api.get("/metrics")
+    def prometheus():
+        data, kind = metrics.render()
+        return Response(data, media_type=kind)
+
+    app.include_router(api)
+    return app

@@ -1,0 +1,319 @@
+"""The job store: one SQLite database (WAL) in the store directory, beside the outputs.
+
+Every state change is one transaction; a job's checkpoint (runtime/loop_state.py)
+lives in the same database, so a job, its progress and its last checkpoint never
+disagree after a crash. One server owns a store at a time (an exclusive lock file).
+
+    STORE/jobs.sqlite3       jobs and checkpoints
+    STORE/outputs/ID.mp4     finished videos, written atomically (temp file + rename)
+    STORE/server.json        the running server's address (written once it listens)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ...errors import EasyAnimateError
+
+STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
+FINAL = ("completed", "failed", "cancelled")
+ID_PATTERN = re.compile(r"vid_[0-9a-f]{24}")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL,
+    error TEXT,
+    timings TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    worker TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    resumed_from INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    state BLOB NOT NULL
+);
+"""
+
+
+class StoreError(EasyAnimateError):
+    """The store cannot be opened or used (locked by another server, unreadable)."""
+
+
+class QueueFull(EasyAnimateError):
+    def __init__(self, limit: int):
+        super().__init__(f"the queue holds its limit of {limit} jobs (--max-queue); retry later")
+        self.limit = limit
+
+
+class Conflict(EasyAnimateError):
+    """A request that contradicts the job's state (content before completion, ...)."""
+
+
+def valid_id(job_id: str) -> bool:
+    """Ids are ``vid_`` + 24 random hex digits; anything else is never looked up or used in a path."""
+    return isinstance(job_id, str) and ID_PATTERN.fullmatch(job_id) is not None
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    status: str
+    request: dict[str, Any]
+    step: int
+    total_steps: int
+    error: str | None
+    timings: dict[str, Any] | None
+    created: float
+    started: float | None
+    finished: float | None
+    worker: str | None
+    attempts: int
+    resumed_from: int | None
+    cancel_requested: bool
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        d = dict(row)
+        return cls(id=d["id"], seq=d["seq"], status=d["status"], request=json.loads(d["request"]), step=d["step"],
+                   total_steps=d["total_steps"], error=d["error"],
+                   timings=json.loads(d["timings"]) if d["timings"] else None, created=d["created"],
+                   started=d["started"], finished=d["finished"], worker=d["worker"], attempts=d["attempts"],
+                   resumed_from=d["resumed_from"], cancel_requested=bool(d["cancel_requested"]),
+                   idempotency_key=d["idempotency_key"])
+
+
+class JobStore:
+    """Jobs in ``directory``; safe to share between threads (one connection per thread)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        try:
+            (self.dir / "outputs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--store {self.dir}: cannot create it ({exc.strerror})") from None
+        self.path = self.dir / "jobs.sqlite3"
+        self._local = threading.local()
+        self._lock_file = None
+        try:
+            self._db().executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a usable job store ({exc})") from None
+
+    # --- connections -------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a process crash, fsync at checkpoints
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection):
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")  # the write lock up front: no read-then-upgrade deadlocks
+            return self.db
+
+        def __exit__(self, kind, exc, tb) -> None:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+    def _tx(self) -> "JobStore._Tx":
+        return JobStore._Tx(self._db())
+
+    def lock(self) -> None:
+        """Take the store for this process; a StoreError if another server holds it."""
+        f = open(self.dir / "server.lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise StoreError(f"--store {self.dir} is in use by another server (server.lock is held); give each "
+                             f"server its own store") from None
+        self._lock_file = f
+
+    def output(self, job_id: str) -> Path:
+        if not valid_id(job_id):
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.dir / "outputs" / f"{job_id}.mp4"
+
+    # --- jobs --------------------------------------------------------------------------
+
+    def submit(self, request: dict[str, Any], total_steps: int, idempotency_key: str | None = None,
+               max_queue: int | None = None) -> tuple[Job, bool]:
+        """(job, created). A known ``idempotency_key`` returns its job (a Conflict if the
+        request differs); beyond ``max_queue`` queued jobs, QueueFull."""
+        body = json.dumps(request, sort_keys=True)
+        with self._tx() as db:
+            if idempotency_key is not None:
+                row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+                if row is not None:
+                    if json.dumps(json.loads(row["request"]), sort_keys=True) != body:
+                        raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different request")
+                    return Job.from_row(row), False
+            if max_queue is not None:
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
+                if queued >= max_queue:
+                    raise QueueFull(max_queue)
+            job_id = "vid_" + secrets.token_hex(12)
+            db.execute("INSERT INTO jobs (id, status, request, idempotency_key, total_steps, created) "
+                       "VALUES (?, 'queued', ?, ?, ?, ?)", (job_id, body, idempotency_key, total_steps, time.time()))
+            return Job.from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
+
+    def get(self, job_id: str) -> Job | None:
+        if not valid_id(job_id):
+            return None
+        row = self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the store (a WAL read transaction): a listing's
+        queue positions agree with each other while workers claim jobs."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            db.execute("COMMIT")
+
+    def by_key(self, idempotency_key: str) -> Job | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> list[Job]:
+        """Newest first; ``after``: the last id of the previous page."""
+        sql, args = "SELECT * FROM jobs WHERE 1", []
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        if after is not None:
+            sql += " AND seq < (SELECT seq FROM jobs WHERE id = ?)"
+            args.append(after)
+        rows = self._db().execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to start; None unless queued."""
+        if job.status != "queued":
+            return None
+        return 1 + self._db().execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq < ?",
+                                      (job.seq,)).fetchone()[0]
+
+    def claim(self, worker: str) -> Job | None:
+        """The oldest queued job, now in progress on ``worker`` (one transaction: two
+        workers never take the same job)."""
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET status = 'in_progress', worker = ?, attempts = attempts + 1, "
+                       "started = COALESCE(started, ?), resumed_from = (SELECT step FROM checkpoints WHERE job = ?) "
+                       "WHERE id = ?", (worker, time.time(), row["id"], row["id"]))
+            return Job.from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def progress(self, job_id: str, step: int) -> bool:
+        """Record ``step`` done; True if a cancel was asked for (checked in the same statement)."""
+        row = self._db().execute("UPDATE jobs SET step = ? WHERE id = ? RETURNING cancel_requested",
+                                 (step, job_id)).fetchone()
+        return row is None or bool(row[0])  # a deleted job stops too
+
+    def save_checkpoint(self, job_id: str, step: int, state: bytes) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO checkpoints (job, step, state) VALUES (?, ?, ?) ON CONFLICT (job) DO UPDATE "
+                       "SET step = excluded.step, state = excluded.state", (job_id, step, state))
+
+    def checkpoint(self, job_id: str) -> tuple[int, bytes] | None:
+        row = self._db().execute("SELECT step, state FROM checkpoints WHERE job = ?", (job_id,)).fetchone()
+        return (row["step"], bytes(row["state"])) if row is not None else None
+
+    def finish(self, job_id: str, status: str, error: str | None = None,
+               timings: dict[str, Any] | None = None) -> None:
+        assert status in FINAL, status
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status = ?, error = ?, timings = ?, finished = ?, "
+                       "step = CASE WHEN ? = 'completed' THEN total_steps ELSE step END WHERE id = ?",
+                       (status, error, json.dumps(timings) if timings is not None else None, time.time(), status,
+                        job_id))
+            db.execute("DELETE FROM checkpoints WHERE job = ?", (job_id,))
+
+    def requeue(self, job_id: str, error: str | None = None) -> None:
+        """Back to the queue (a worker lost), keeping its place and its checkpoint."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status = 'queued', worker = NULL, error = ? WHERE id = ?", (error, job_id))
+
+    def cancel(self, job_id: str) -> Job:
+        """A queued job is cancelled at once; a running one at its next step boundary; a
+        finished one is a Conflict (cancelled again: unchanged)."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row["status"] == "queued":
+                db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
+            elif row["status"] == "in_progress":
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            elif row["status"] in ("completed", "failed"):
+                raise Conflict(f"job {job_id} is already {row['status']}; there is nothing to cancel")
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        """The job, its checkpoint and its video; a running job must be cancelled first."""
+        job = self.get(job_id)
+        if job is not None and job.status == "in_progress":
+            raise Conflict(f"job {job_id} is in progress; cancel it (POST /v1/videos/{job_id}/cancel) before "
+                           f"deleting it")
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        self.output(job_id).unlink(missing_ok=True)
+
+    def recover(self) -> int:
+        """At start-up: jobs a dead server left in progress go back to the queue (in
+        their old order, with their checkpoints). Returns how many."""
+        with self._tx() as db:
+            n = db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE status = 'in_progress'").rowcount
+        for tmp in (self.dir / "outputs").glob(".*.tmp"):  # a dead writer's temporary files
+            tmp.unlink(missing_ok=True)
+        return n
+
+    def counts(self) -> dict[str, int]:
+        rows = self._db().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        found = {r[0]: r[1] for r in rows}
+        return {s: found.get(s, 0) for s in STATUSES}
+
+    def iter_all(self) -> Iterator[Job]:
+        for row in self._db().execute("SELECT * FROM jobs ORDER BY seq"):
+            yield Job.from_row(row)
+
+    def write_address(self, url: str) -> None:
+        from ...fileio import atomic_write_text
+
+        atomic_write_text(self.dir / "server.json", json.dumps({"url": url, "pid": os.getpid()}))
