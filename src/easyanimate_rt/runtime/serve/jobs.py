@@ -171,7 +171,6 @@ class WorkerLoop(threading.Thread):
         self.store, self.executor, self.every = store, executor, every
         self.wake, self.stop = wake, stop
         self.metrics = metrics
-        self.current: str | None = None
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -180,11 +179,9 @@ class WorkerLoop(threading.Thread):
                 self.wake.wait(0.2)
                 self.wake.clear()
                 continue
-            self.current = job.id
             try:
                 self.execute(job)
             finally:
-                self.current = None
                 self.wake.set()  # a finished job may free a queue slot another worker waits on
 
     def execute(self, job) -> None:

@@ -309,10 +309,6 @@ class JobStore:
         found = {r[0]: r[1] for r in rows}
         return {s: found.get(s, 0) for s in STATUSES}
 
-    def iter_all(self) -> Iterator[Job]:
-        for row in self._db().execute("SELECT * FROM jobs ORDER BY seq"):
-            yield Job.from_row(row)
-
     def write_address(self, url: str) -> None:
         from ...fileio import atomic_write_text
 
