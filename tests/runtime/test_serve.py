@@ -17,12 +17,23 @@ from easyanimate_rt.cli import default_model
 from easyanimate_rt.media import read_video
 
 PROMPT = "a red circle moving left on a white background"
-SERVER_ARGS = ("--threads", "1", "--max-steps", "1000", "--checkpoint-every", "10")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve") / "store", "--workers", "2", "--max-queue", "40", *SERVER_ARGS)
+def engines(tmp_path_factory):
+    """This module's engine cache: the shipped model's engines built here stay out of the
+    session cache, whose first use other tests (the README's quick start) observe."""
+    return tmp_path_factory.mktemp("serve-engines")
+
+
+@pytest.fixture(scope="module")
+def args(engines):
+    return ("--threads", "1", "--max-steps", "1000", "--checkpoint-every", "10", "--cache-dir", str(engines))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, args):
+    srv = Server(tmp_path_factory.mktemp("serve") / "store", "--workers", "2", "--max-queue", "40", *args)
     yield srv
     code = srv.stop()
     assert code == 0, (code, srv.output())
@@ -35,10 +46,10 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def pipe():
+def pipe(server, engines):  # after the server: it built the engines
     from easyanimate_rt.runtime.pipeline import Pipeline
 
-    return Pipeline.from_pretrained(default_model(), threads=1)
+    return Pipeline.from_pretrained(default_model(), threads=1, cache_dir=engines)
 
 
 def direct(pipe, tmp_path, request: dict):
@@ -195,8 +206,8 @@ def test_other_errors_and_the_server_stays_up(client):
     assert client.get("/healthz").json()["status"] == "ok"
 
 
-def test_a_full_queue_is_429(tmp_path):
-    srv = Server(tmp_path / "store", "--max-queue", "2", *SERVER_ARGS)
+def test_a_full_queue_is_429(tmp_path, args):
+    srv = Server(tmp_path / "store", "--max-queue", "2", *args)
     try:
         with srv.client() as c:
             running = c.post("/v1/videos", json={"prompt": PROMPT, "steps": 1000}).json()
@@ -210,7 +221,7 @@ def test_a_full_queue_is_429(tmp_path):
         assert srv.stop() == 0
 
 
-def test_off_loopback_needs_an_api_key(tmp_path):
+def test_off_loopback_needs_an_api_key(tmp_path, engines):
     import subprocess
     import sys
 
@@ -219,7 +230,7 @@ def test_off_loopback_needs_an_api_key(tmp_path):
                        env={**__import__("os").environ, "EASYANIMATE_RT_API_KEY": ""})
     assert r.returncode == 2 and "requires an API key: pass --api-key or set EASYANIMATE_RT_API_KEY" in r.stderr
     assert "Traceback" not in r.stderr
-    srv = Server(tmp_path / "store", "--host", "0.0.0.0", "--threads", "1", env={"EASYANIMATE_RT_API_KEY": "s3cret"})
+    srv = Server(tmp_path / "store", "--host", "0.0.0.0", "--threads", "1", "--cache-dir", str(engines), env={"EASYANIMATE_RT_API_KEY": "s3cret"})
     try:
         port = srv.url.rsplit(":", 1)[1]
         with srv.client() as c:
@@ -236,11 +247,11 @@ def test_off_loopback_needs_an_api_key(tmp_path):
         assert srv.stop() == 0
 
 
-def test_sigkill_mid_job_resumes_from_its_checkpoint(tmp_path, pipe):
+def test_sigkill_mid_job_resumes_from_its_checkpoint(tmp_path, pipe, args):
     """Killed mid-job, restarted on the same store: the job goes on from its last
     checkpoint, its video equals an uninterrupted run's, the queued jobs still run."""
     store = tmp_path / "store"
-    srv = Server(store, *SERVER_ARGS)
+    srv = Server(store, *args)
     with srv.client() as c:
         long = c.post("/v1/videos", json={"prompt": PROMPT, "seed": 11, "steps": 300}).json()
         queued = [c.post("/v1/videos", json={"prompt": "a green triangle", "seed": k, "steps": 5}).json()
@@ -248,7 +259,7 @@ def test_sigkill_mid_job_resumes_from_its_checkpoint(tmp_path, pipe):
         at_kill = wait_for(c, long["id"], statuses=(), step=45)["progress"]["step"]
     srv.kill()
     assert srv.proc.returncode == -9
-    srv = Server(store, *SERVER_ARGS)
+    srv = Server(store, *args)
     try:
         assert "1 job(s) a stopped server left running are back in the queue" in srv.output()
         with srv.client() as c:
@@ -263,9 +274,9 @@ def test_sigkill_mid_job_resumes_from_its_checkpoint(tmp_path, pipe):
         assert srv.stop() == 0
 
 
-def test_sigterm_requeues_the_running_job_at_its_step(tmp_path):
+def test_sigterm_requeues_the_running_job_at_its_step(tmp_path, args):
     store = tmp_path / "store"
-    srv = Server(store, *SERVER_ARGS)
+    srv = Server(store, *args)
     with srv.client() as c:
         job = c.post("/v1/videos", json={"prompt": PROMPT, "seed": 3, "steps": 1000}).json()
         wait_for(c, job["id"], statuses=(), step=15)
