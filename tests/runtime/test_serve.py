@@ -287,3 +287,28 @@ def test_sigterm_requeues_the_running_job_at_its_step(tmp_path, args):
     row = saved.get(job["id"])
     step, _ = saved.checkpoint(job["id"])
     assert row.status == "queued" and step == row.step >= 15  # not rounded down to a multiple of 10
+
+
+def test_ray_serve_replicas_serve_jobs_through_the_same_api(tmp_path, pipe, args):
+    """`serve --ray`: a local Ray instance, the workers as 2 CPU Ray Serve replicas; the
+    same API and store in front. 4 jobs complete on both replicas, a video equals the
+    Pipeline's, and a cancel reaches the replica running the job."""
+    pytest.importorskip("ray.serve", reason="the [serve-ray] extra (in [dev]) is not installed")
+    srv = Server(tmp_path / "store", "--ray", "--replicas", "2", *args, env={"RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        assert "Ray Serve: 2 replica(s) on CPU" in srv.output()
+        with srv.client() as c:
+            ids = [c.post("/v1/videos", json={"prompt": f"a yellow circle moving down {k}", "seed": k, "steps": 6}
+                          ).json()["id"] for k in range(4)]
+            done = [wait_for(c, i, timeout=120) for i in ids]
+            assert [j["status"] for j in done] == ["completed"] * 4, [j["error"] for j in done]
+            assert len({j["timings"]["replica"] for j in done}) == 2  # both replicas took jobs
+            np.testing.assert_array_equal(content(c, ids[2], tmp_path), direct(pipe, tmp_path, done[2]["request"]))
+            long = c.post("/v1/videos", json={"prompt": PROMPT, "seed": 5, "steps": 1000}).json()["id"]
+            wait_for(c, long, statuses=(), step=5)
+            assert c.post(f"/v1/videos/{long}/cancel").status_code == 200
+            assert wait_for(c, long, timeout=30)["status"] == "cancelled"
+            after = c.post("/v1/videos", json={"prompt": PROMPT, "seed": 6, "steps": 4}).json()["id"]
+            assert wait_for(c, after, timeout=60)["status"] == "completed"  # the replicas still serve
+    finally:
+        assert srv.stop() == 0, srv.output()

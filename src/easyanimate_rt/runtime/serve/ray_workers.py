@@ -48,6 +48,8 @@ class VideoReplica:
         t = time.perf_counter()
         self.pipe = Pipeline.from_pretrained(model, seed=0, **kwargs)
         self.load = time.perf_counter() - t
+        _, serve = _import_ray()
+        self.replica = serve.get_replica_context().replica_id.unique_id  # reported with each job
 
     def load_seconds(self) -> float:
         return self.load
@@ -65,7 +67,7 @@ class VideoReplica:
                     timings = run_job(self.pipe, request, out,
                                       lambda d, n: (events.put(("progress", d, n)), stop.is_set())[1],
                                       lambda s, b: events.put(("checkpoint", s, b)), every, resume, stop.is_set)
-                    events.put(("done", out.read_bytes(), timings))
+                    events.put(("done", out.read_bytes(), {**timings, "replica": self.replica}))
                 except JobCancelled:
                     events.put(("cancelled",))
                 except InputError as exc:
@@ -121,6 +123,7 @@ class RayExecutor:
             raise WorkerLost(f"the Ray replica running the job died ({type(exc).__name__})") from None
         raise WorkerLost("the Ray replica's stream ended without a result")
 
+
 class RayCluster:
     """Holds the Ray connection; ``close`` tears the application down."""
 
@@ -157,7 +160,7 @@ def start_ray_executors(opts, say) -> tuple[list[RayExecutor], RayCluster]:
         raise InputError(f"--ray places replicas itself: --device must be auto, cuda or cpu, got {opts.device!r}")
     replicas = opts.replicas or (opts.autoscale[1] if opts.autoscale else (gpus if device == "cuda" else 1))
     threads = opts.threads or max(1, (os.cpu_count() or 1) // replicas)
-    actor = {"num_gpus": 1} if device == "cuda" else {"num_cpus": min(threads, 1)}
+    actor = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
     config: dict[str, Any] = dict(ray_actor_options=actor, max_ongoing_requests=1, max_queued_requests=-1)
     if opts.autoscale is not None:
         config["autoscaling_config"] = {"min_replicas": opts.autoscale[0], "max_replicas": opts.autoscale[1],
