@@ -287,13 +287,37 @@ def test_sigterm_requeues_the_running_job_at_its_step(tmp_path, args):
     row = saved.get(job["id"])
     step, _ = saved.checkpoint(job["id"])
     assert row.status == "queued" and step == row.step >= 15  # not rounded down to a multiple of 10
+    assert row.attempts == 0  # a clean stop costs the job no attempt
+
+
+def test_a_job_running_at_every_crash_fails_after_its_attempts(tmp_path):
+    """recover() at start-up: a job in progress when a server died goes back to the
+    queue with its checkpoint, until it has been running at MAX_ATTEMPTS crashes."""
+    from easyanimate_rt.runtime.serve.jobs import MAX_ATTEMPTS
+    from easyanimate_rt.runtime.serve.store import JobStore
+
+    store = JobStore(tmp_path / "store")
+    poison, _ = store.submit({"prompt": "a"}, 10)
+    other, _ = store.submit({"prompt": "b"}, 10)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert store.claim("w0").id == poison.id
+        store.save_checkpoint(poison.id, attempt, b"state")
+        if attempt == 1:
+            store.requeue(poison.id, failed_attempt=False)  # a clean stop in between: not counted
+            assert store.claim("w0").id == poison.id
+        requeued, failed = store.recover(MAX_ATTEMPTS)  # the server died mid-job
+        if attempt < MAX_ATTEMPTS:
+            assert (requeued, failed) == (1, 0) and store.checkpoint(poison.id) == (attempt, b"state")
+    job = store.get(poison.id)
+    assert (requeued, failed) == (0, 1) and job.status == "failed" and job.attempts == MAX_ATTEMPTS
+    assert f"on each of its {MAX_ATTEMPTS} attempts" in job.error and store.checkpoint(poison.id) is None
+    assert store.claim("w0").id == other.id  # the queue goes on
 
 
 def test_ray_serve_replicas_serve_jobs_through_the_same_api(tmp_path, pipe, args):
     """`serve --ray`: a local Ray instance, the workers as 2 CPU Ray Serve replicas; the
     same API and store in front. 4 jobs complete on both replicas, a video equals the
     Pipeline's, and a cancel reaches the replica running the job."""
-    pytest.importorskip("ray.serve", reason="the [serve-ray] extra (in [dev]) is not installed")
     srv = Server(tmp_path / "store", "--ray", "--replicas", "2", *args, env={"RAY_USAGE_STATS_ENABLED": "0"})
     try:
         assert "Ray Serve: 2 replica(s) on CPU" in srv.output()

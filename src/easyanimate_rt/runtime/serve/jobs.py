@@ -203,7 +203,8 @@ class WorkerLoop(threading.Thread):
                                         saved[1] if saved else None, self.stop.is_set)
         except JobCancelled:
             if self.stop.is_set() and not store.get(job.id).cancel_requested:
-                store.requeue(job.id)  # the server is stopping: the job resumes at the next start
+                # the server is stopping: the job resumes at the next start, no attempt lost
+                store.requeue(job.id, failed_attempt=False)
             else:
                 store.finish(job.id, "cancelled")
         except WorkerLost as exc:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, InputError, MissingDependencyError
-from .jobs import Limits, LocalExecutor, WorkerLoop
+from .jobs import MAX_ATTEMPTS, Limits, LocalExecutor, WorkerLoop
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,12 @@ def serve(opts: ServeOptions, say=print) -> None:
     opts.check()
     store = JobStore(opts.store)
     store.lock()
-    recovered = store.recover()
+    recovered, failed = store.recover(MAX_ATTEMPTS)
     if recovered:
         say(f"store {opts.store}: {recovered} job(s) a stopped server left running are back in the queue")
+    if failed:
+        say(f"store {opts.store}: {failed} job(s) were running each time a server died ({MAX_ATTEMPTS} attempts): "
+            f"marked failed")
     config = model_config(opts.model)
     if opts.ray is not None:
         from .ray_workers import start_ray_executors

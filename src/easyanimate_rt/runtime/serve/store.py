@@ -267,10 +267,12 @@ class JobStore:
                         job_id))
             db.execute("DELETE FROM checkpoints WHERE job = ?", (job_id,))
 
-    def requeue(self, job_id: str, error: str | None = None) -> None:
-        """Back to the queue (a worker lost), keeping its place and its checkpoint."""
+    def requeue(self, job_id: str, error: str | None = None, *, failed_attempt: bool = True) -> None:
+        """Back to the queue, keeping its place and its checkpoint: a lost worker's job
+        (the attempt counts), or a stopping server's (``failed_attempt=False``)."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = 'queued', worker = NULL, error = ? WHERE id = ?", (error, job_id))
+            db.execute("UPDATE jobs SET status = 'queued', worker = NULL, error = ?, attempts = attempts - ? "
+                       "WHERE id = ?", (error, 0 if failed_attempt else 1, job_id))
 
     def cancel(self, job_id: str) -> Job:
         """A queued job is cancelled at once; a running one at its next step boundary; a
@@ -295,14 +297,21 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         self.output(job_id).unlink(missing_ok=True)
 
-    def recover(self) -> int:
+    def recover(self, max_attempts: int) -> tuple[int, int]:
         """At start-up: jobs a dead server left in progress go back to the queue (in
-        their old order, with their checkpoints). Returns how many."""
+        their old order, with their checkpoints), except those that were running on
+        each of their ``max_attempts`` attempts when a server died: they fail (a job
+        that kills its server must not kill every restart). Returns (requeued, failed)."""
         with self._tx() as db:
+            failed = db.execute("UPDATE jobs SET status = 'failed', worker = NULL, finished = ?, error = "
+                                "'the server died while running this job, on each of its ' || attempts || "
+                                "' attempts' WHERE status = 'in_progress' AND attempts >= ?",
+                                (time.time(), max_attempts)).rowcount
             n = db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE status = 'in_progress'").rowcount
+            db.execute("DELETE FROM checkpoints WHERE job IN (SELECT id FROM jobs WHERE status = 'failed')")
         for tmp in (self.dir / "outputs").glob(".*.tmp"):  # a dead writer's temporary files
             tmp.unlink(missing_ok=True)
-        return n
+        return n, failed
 
     def counts(self) -> dict[str, int]:
         rows = self._db().execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
