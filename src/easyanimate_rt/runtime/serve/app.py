@@ -10,8 +10,9 @@
     GET    /healthz                   liveness (no API key)
     GET    /metrics                   Prometheus text
 
-Imported only by the server (fastapi is the [serve] extra). Every error is JSON, ``{"error": {"type": ..., "message": ...}}``, the message naming
-the rule and the value; bad requests are 400, an over-long body 413, a full queue 429.
+Imported only by the server (fastapi is the [serve] extra). Every error is JSON,
+``{"error": {"type": ..., "message": ...}}``, the message naming the rule and the value;
+bad requests are 400, an over-long body 413, a full queue 429.
 """
 
 from __future__ import annotations
