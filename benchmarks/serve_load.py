@@ -33,12 +33,9 @@ sys.path.insert(0, str(HERE.parent / "tests" / "runtime"))
 import common  # noqa: E402
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between order statistics."""
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (1..99), linear between order statistics."""
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def burst(server, jobs: int, steps: int, tag: str) -> list[dict]:
@@ -69,7 +66,7 @@ def burst(server, jobs: int, steps: int, tag: str) -> list[dict]:
     return done
 
 
-def run_config(name: str, args: list[str], opts, work: Path, round_: int) -> list[dict]:
+def run_config(name: str, workers: int, args: list[str], opts, work: Path, round_: int) -> list[dict]:
     from serving import Server
 
     store = work / f"{name.replace(' ', '-')}-{round_}"
@@ -78,7 +75,6 @@ def run_config(name: str, args: list[str], opts, work: Path, round_: int) -> lis
                     env={"RAY_USAGE_STATS_ENABLED": "0"})
     up = time.perf_counter() - t
     try:
-        workers = 2 if "2" in name else 1
         burst(server, workers, opts.steps, f"warm{round_}")
         done = burst(server, opts.jobs, opts.steps, f"r{round_}")
     finally:
@@ -115,12 +111,12 @@ def main(argv=None) -> int:
     if opts.jobs < 2 or opts.steps < 1 or opts.rounds < 1:
         p.error("--jobs must be >= 2, --steps and --rounds >= 1")
     half = str(max(1, opts.threads // 2))
-    configs = {"1 worker": ["--workers", "1", "--threads", str(opts.threads)],
-               "2 workers": ["--workers", "2", "--threads", half]}
+    configs = {"1 worker": (1, ["--workers", "1", "--threads", str(opts.threads)]),
+               "2 workers": (2, ["--workers", "2", "--threads", half])}
     if not opts.no_ray:
         try:
             import ray.serve  # noqa: F401
-            configs["2 Ray replicas"] = ["--ray", "--replicas", "2", "--threads", half]
+            configs["2 Ray replicas"] = (2, ["--ray", "--replicas", "2", "--threads", half])
         except ImportError:
             print("[serve-load] ray[serve] not installed: Ray configuration left out", file=sys.stderr)
 
@@ -133,8 +129,8 @@ def main(argv=None) -> int:
     print(f"[serve-load] engines built in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
     jobs: dict[str, list[dict]] = {name: [] for name in configs}
     for r in range(opts.rounds):
-        for name, args in configs.items():
-            jobs[name] += run_config(name, args, opts, work, r)
+        for name, (workers, args) in configs.items():
+            jobs[name] += run_config(name, workers, args, opts, work, r)
     results = {name: summarise(js) for name, js in jobs.items()}
     report = {"machine": common.machine(), "jobs": opts.jobs, "steps": opts.steps, "rounds": opts.rounds,
               "threads": opts.threads, "results": results}
