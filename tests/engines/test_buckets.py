@@ -89,3 +89,38 @@ def test_static_profiles_share_shapes_and_ranged_spans_them():
     assert find_profile(profiles, {"batch": 2, "frames": 36, "height": 64, "width": 64}) == 2
     assert find_profile(profiles, {"batch": 2, "frames": 8, "height": 64, "width": 64}) is None
     assert graphs_needed(shapes)[:2] == ["text_encoder", "dit"]
+
+
+def test_prompt_batch_buckets():
+    """``HxWxFbN``: N prompts in one call; the DiT's and text encoder's batch profile spans
+    one prompt's batch to N prompts' (opt = max), the decoders stay batch 1."""
+    cfg = from_preset("shapes")
+    b = Bucket.parse("64x64x17b4")
+    assert (b.height, b.width, b.frames, b.prompts) == (64, 64, 17, 4) and b.name == "64x64x17b4"
+    assert Bucket.parse(b.name) == b and Bucket.parse("64x64x17").prompts == 1
+    assert [x.name for x in parse_buckets("64x64x17b4,64x64x17")] == ["64x64x17", "64x64x17b4"]
+    for guidance, one in (("batched", 2), ("sequential", 1)):
+        s = bucket_shapes(cfg, b, guidance)
+        assert s.dims["dit"]["batch"] == s.dims["text_encoder"]["batch"] == 4 * one
+        assert s.tokens == bucket_shapes(cfg, Bucket(64, 64, 17), guidance).tokens  # per prompt
+        assert all(v["batch"] == 1 for k, v in s.dims.items() if k.startswith("vae_decoder/"))
+        profiles, _ = profiles_for(dit_spec(cfg), [s])
+        assert profiles[0].dims["batch"] == (one, 4 * one, 4 * one)
+        assert profiles[0].dims["frames"] == (5, 5, 5)
+        tprof, _ = profiles_for(text_encoder_spec(cfg), [s])
+        assert tprof[0].dims["batch"] == (one, 4 * one, 4 * one)
+    both = [bucket_shapes(cfg, x) for x in parse_buckets("64x64x17,64x64x17b4")]
+    static, index = profiles_for(dit_spec(cfg), both)
+    assert [p.dims["batch"] for p in static] == [(2, 2, 2), (2, 8, 8)] and index == {"64x64x17": 0, "64x64x17b4": 1}
+    ranged, _ = profiles_for(dit_spec(cfg), both, ranged=True)
+    assert ranged[0].dims["batch"] == (2, 8, 8)
+    assert find_profile(static, {"batch": 6, "frames": 5, "height": 8, "width": 8}) == 1  # 3 prompts
+    # the exported graphs take the largest batch
+    assert dit_spec(cfg).dims[0].max == text_encoder_spec(cfg).dims[0].max == 8
+
+
+@pytest.mark.parametrize("text, rule", [("64x64x17b0", "prompts per batch must be 1 .. 4, got 0"),
+                                        ("64x64x17b5", "prompts per batch must be 1 .. 4, got 5")])
+def test_prompt_batch_limits(text, rule):
+    with pytest.raises(InputError, match=rule):
+        bucket_shapes(from_preset("shapes"), Bucket.parse(text))

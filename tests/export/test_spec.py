@@ -45,10 +45,10 @@ def test_dit_spec_contract():
     assert spec.dim("height").multiple == 2  # patch 2; the release motion module has no Grid Reshape
     # 512 x 512 x 144 frames: V2's VAE gives 48 latent frames (9-frame chunks) of 64 x 64.
     assert spec.opt_dims() == {"batch": 2, "frames": 48, "height": 64, "width": 64}
-    assert spec.dim("batch").max == 2
+    assert spec.dim("batch").max == 8  # 4 prompts x (negative + positive)
     assert spec.precision.compute_dtype == "float16"
     shapes = spec.profile_shapes()
-    assert shapes["latents"] == ((1, 4, 1, 4, 4), (2, 4, 48, 64, 64), (2, 4, 48, 64, 64))
+    assert shapes["latents"] == ((1, 4, 1, 4, 4), (2, 4, 48, 64, 64), (8, 4, 48, 64, 64))
     assert spec.output_shapes({"batch": 1, "frames": 3, "height": 8, "width": 12})["noise_pred"] == (1, 8, 3, 8, 12)
     grid = from_preset("shapes")  # Grid Reshape: latent sizes in steps of patch x block
     assert dit_spec(grid).dim("height").multiple == 4 == grid.dit.latent_multiple
@@ -70,8 +70,8 @@ def test_check_dims_names_the_rule():
     spec = dit_spec(TINY)
     with pytest.raises(ShapeError, match=r"height must be in \[4, 8\] and a multiple of 2, got 5"):
         spec.check_dims({"batch": 1, "frames": 1, "height": 5, "width": 4})
-    with pytest.raises(ShapeError, match=r"batch must be in \[1, 2\]"):
-        spec.check_dims({"batch": 3, "frames": 1, "height": 4, "width": 4})
+    with pytest.raises(ShapeError, match=r"batch must be in \[1, 8\]"):
+        spec.check_dims({"batch": 9, "frames": 1, "height": 4, "width": 4})
     with pytest.raises(ShapeError, match="no value for dimension"):
         spec.check_dims({"batch": 1})
 

@@ -81,6 +81,11 @@ def test_torch_backend_equals_the_reference(model_dir, ref, cache):
     got, want = pipe("a blue square", **kwargs), ref.generate("a blue square", **kwargs)
     torch.testing.assert_close(torch.from_numpy(got.latents), want.latents, rtol=1e-5, atol=1e-5)
     assert np.abs(got.frames.astype(int) - want.frames).max() <= 1
+    # a list of prompts, one batch on the reference modules: each video is the reference's
+    both = pipe(["a blue square", "a red circle"], **kwargs)
+    torch.testing.assert_close(torch.from_numpy(both[0].latents), want.latents, rtol=1e-4, atol=1e-4)
+    second = ref.generate("a red circle", **dict(kwargs, seed=2))
+    torch.testing.assert_close(torch.from_numpy(both[1].latents), second.latents, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -103,6 +108,77 @@ def test_sequential_and_unguided_match_the_reference(ort_pipe, ref):
         got = ort_pipe.run(req).latents
         assert np.abs(got - want).max() <= 1e-3, kwargs
     assert ("sequential", "dit") in ort_pipe.engines  # built on first use, batch-1 profiles
+
+
+def _count_calls(pipe, guidance: str, keys=("text_encoder", "dit")) -> dict[str, list[int]]:
+    """Wrap ``pipe``'s engines: key -> the batch of each call."""
+    calls: dict[str, list[int]] = {}
+    for key in keys:
+        engine = pipe.engine(key, guidance)
+        run = engine.run
+
+        def counted(feeds, run=run, key=key):
+            calls.setdefault(key, []).append(len(next(iter(feeds.values()))))
+            return run(feeds)
+        engine.run = counted
+    return calls
+
+
+def test_a_list_of_prompts_runs_as_one_batch(ort_pipe):
+    """Three prompts (one empty): one text-encoder call and one DiT call per step, each
+    of batch 6 (negatives + positives); every video equals its own run (Euler Ancestral:
+    each request keeps its own seed's noise stream), and each is the reference's (its
+    own run is checked against the reference above)."""
+    prompts = [PROMPT, "a blue square moving up", ""]
+    kwargs = dict(steps=3, sampler="euler_a", frames=9, height=64, width=64)
+    videos = ort_pipe(prompts, seed=7, **kwargs)  # first use: builds the 64x64x9b4 profiles
+    assert len(videos) == 3 and videos[0].timings["prompts"] == 3
+    singles = [ort_pipe.run(ort_pipe.request(p, seed=7 + k, **kwargs)) for k, p in enumerate(prompts)]
+    for got, want in zip(videos, singles):
+        assert got.latents.shape == want.latents.shape == (1, 4, 3, 8, 8)
+        assert np.abs(got.latents - want.latents).max() <= 1e-4
+        assert np.abs(got.frames.astype(int) - want.frames).max() <= 1
+    assert np.abs(videos[0].latents - videos[1].latents).max() > 0.1  # different prompts, seeds: different videos
+    calls = _count_calls(ort_pipe, "batched")
+    again = ort_pipe(prompts, seed=7, **kwargs)
+    assert calls == {"text_encoder": [6], "dit": [6, 6, 6]}
+    assert all(np.abs(a.latents - b.latents).max() == 0 for a, b in zip(again, videos))  # deterministic
+    calls.clear()
+    ort_pipe(prompts[:2], seed=7, batch_size=1, **kwargs)  # one after another
+    assert calls == {"text_encoder": [2, 2], "dit": [2] * 6}
+
+
+def test_sequential_and_unguided_batches(ort_pipe):
+    """Sequential guidance: per step two DiT calls of N (negatives, then positives);
+    unguided: one call of N positives. Each video equals its own run."""
+    prompts = ["a green triangle", "a yellow circle"]
+    for kwargs in (dict(guidance_mode="sequential"), dict(guidance_scale=1.0)):
+        kwargs.update(steps=2, frames=9, height=64, width=64)
+        reqs = [ort_pipe.request(p, seed=3 + k, **kwargs) for k, p in enumerate(prompts)]
+        videos = ort_pipe.run_batch(reqs)
+        calls = _count_calls(ort_pipe, "sequential")
+        ort_pipe.run_batch(reqs)
+        assert calls == {"text_encoder": [2, 2], "dit": [2] * (4 if "guidance_mode" in kwargs else 2)}, kwargs
+        for got, req in zip(videos, reqs):
+            assert np.abs(got.latents - ort_pipe.run(req).latents).max() <= 1e-4, kwargs
+
+
+def test_bad_batches_are_refused(ort_pipe):
+    kwargs = dict(steps=2, frames=9, height=64, width=64)
+    with pytest.raises(InputError, match="the list of prompts is empty"):
+        ort_pipe([], **kwargs)
+    for size in (0, 5, 2.0, True):
+        with pytest.raises(InputError, match="batch_size must be an integer in 1 .. 4"):
+            ort_pipe([PROMPT, PROMPT], batch_size=size, **kwargs)
+    with pytest.raises(InputError, match="batch_size applies to a list of prompts"):
+        ort_pipe(PROMPT, batch_size=2, **kwargs)
+    a, b = ort_pipe.request(PROMPT, **kwargs), ort_pipe.request(PROMPT, **dict(kwargs, steps=3))
+    with pytest.raises(InputError, match="steps is 2 in the first and 3 in another"):
+        ort_pipe.run_batch([a, b])
+    with pytest.raises(InputError, match="a batch holds 1 .. 4 requests, got 5"):
+        ort_pipe.run_batch([a] * 5)
+    with pytest.raises(InputError, match="frames must be"):  # every request is checked before any work
+        ort_pipe([PROMPT, PROMPT], **dict(kwargs, frames=10))
 
 
 @pytest.mark.parametrize("sampler", ["dpm++", "euler_a"])

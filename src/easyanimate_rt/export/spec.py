@@ -334,6 +334,11 @@ class ExportSpec:
 # --- builders -----------------------------------------------------------------------------
 
 
+#: Prompts one batched generation call takes (runtime: a list of prompts runs in batches of
+#: at most this many): the text encoder's and the DiT's batch go up to twice this.
+MAX_PROMPTS = 4
+
+
 def _round_up(value: float, multiple: int) -> int:
     return max(multiple, int(math.ceil(value / multiple)) * multiple)
 
@@ -356,8 +361,9 @@ def _assemble(network: str, variant: str, config: ModelConfig, precision: str,
     return spec
 
 
-def text_encoder_spec(config: ModelConfig, precision: str = "fp32", max_batch: int = 4) -> ExportSpec:
-    """T5: batch dynamic (1 .. ``max_batch``; opt 2 = negative + positive prompt), length fixed."""
+def text_encoder_spec(config: ModelConfig, precision: str = "fp32", max_batch: int = 2 * MAX_PROMPTS) -> ExportSpec:
+    """T5: batch dynamic (1 .. ``max_batch``: a negative and a positive prompt for each of
+    up to MAX_PROMPTS prompts; opt 2), length fixed."""
     t = config.text_encoder
     s = t.max_length
     return _assemble(
@@ -395,7 +401,7 @@ def dit_spec(config: ModelConfig, precision: str = "fp32", *, max_frames: int | 
     return _assemble(
         "dit", "", config, precision, inputs,
         [TensorSpec("noise_pred", "float32", ("batch", d.out_channels, "frames", "height", "width"))],
-        [_dim("batch", 1, 2, 2, doc="1, or 2 for batched classifier-free guidance"),
+        [_dim("batch", 1, 2, 2 * MAX_PROMPTS, doc="prompts x (2 for batched classifier-free guidance, else 1)"),
          _dim("frames", 1, opt_f, max(max_frames or opt_f, opt_f), doc="latent frames"),
          _dim("height", 2 * mult, opt_h, hi, mult, doc="latent height"),
          _dim("width", 2 * mult, opt_w, hi, mult, doc="latent width")],

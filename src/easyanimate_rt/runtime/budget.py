@@ -42,9 +42,10 @@ def parameter_count(config: ModelConfig) -> int:
     return d.num_layers * per_block + text  # DiT + T5; the VAE is small beside them
 
 
-def peak_bytes(config: ModelConfig, req: GenerationRequest) -> int:
+def peak_bytes(config: ModelConfig, req: GenerationRequest, prompts: int = 1) -> int:
+    """Estimated peak of ``req``, with ``prompts`` such requests generated as one batch."""
     d = config.dit
-    batch = 2 if req.guidance_mode == "batched" and req.guidance_scale != 1.0 else 1
+    batch = (2 if req.guidance_mode == "batched" and req.guidance_scale != 1.0 else 1) * prompts
     frames, spatial, tokens = dit_tokens(config, req)
     hidden = d.num_attention_heads * d.attention_head_dim
     stream = batch * tokens * hidden * (6 + 2 * d.mlp_ratio)
@@ -73,8 +74,9 @@ def available_bytes() -> int | None:
 
 
 def check_budget(config: ModelConfig, req: GenerationRequest, max_tokens: int | None = None,
-                 memory_bytes: int | None = None) -> None:
-    """An InputError naming the rule and the numbers when ``req`` cannot fit."""
+                 memory_bytes: int | None = None, prompts: int = 1) -> None:
+    """An InputError naming the rule and the numbers when ``req`` (``prompts`` of them in
+    one batch) cannot fit."""
     frames, spatial, tokens = dit_tokens(config, req)
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -86,8 +88,10 @@ def check_budget(config: ModelConfig, req: GenerationRequest, max_tokens: int | 
     limit = memory_bytes if memory_bytes is not None else available_bytes()
     if limit is None:
         return
-    need = peak_bytes(config, req)
+    need = peak_bytes(config, req, prompts)
     if need > 2 * limit:
-        raise InputError(f"{req.height}x{req.width}x{req.frames} would need about {need / 2**30:,.1f} GiB at its "
-                         f"peak ({tokens:,} DiT tokens), but {limit / 2**30:,.1f} GiB are available; ask for fewer "
-                         f"frames or a smaller size, or --guidance-mode sequential")
+        several = f" x {prompts} prompts in one batch" if prompts > 1 else ""
+        raise InputError(f"{req.height}x{req.width}x{req.frames}{several} would need about {need / 2**30:,.1f} GiB "
+                         f"at its peak ({tokens:,} DiT tokens), but {limit / 2**30:,.1f} GiB are available; ask for "
+                         f"fewer frames or a smaller size, or --guidance-mode sequential"
+                         + (", or a smaller batch_size" if prompts > 1 else ""))

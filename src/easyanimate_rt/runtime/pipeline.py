@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from ..engines.buckets import Bucket, bucket_shapes, graphs_needed
 from ..engines.cache import MODELS_DIR, EngineCache
 from ..engines.manifest import read_index
 from ..errors import EasyAnimateError, EngineError, InputError, ShapeError
-from ..export.spec import decoder_variant
+from ..export.spec import MAX_PROMPTS, decoder_variant
 from ..media import VideoWriter, check_output_path, frames_to_uint8, save_video
 from ..reference.config import ModelConfig, from_preset, model_fingerprint, preset_name, read_model_config
 from ..reference.request import GenerationRequest, default_request
@@ -293,7 +293,9 @@ class Pipeline:
             raise ShapeError(f"no engines for {bucket.name} ({guidance} guidance); built: "
                              f"{', '.join(built) or 'none'}; build them with `easyanimate-rt build --buckets "
                              f"{bucket.name}` or allow compile on first use")
-        self._build(directory, sorted(set(built) | {bucket.name}), guidance)
+        # a batch of prompts: engines for the largest batch, which every smaller one loads too
+        target = replace(bucket, prompts=MAX_PROMPTS) if bucket.prompts > 1 else bucket
+        self._build(directory, sorted(set(built) | {target.name}), guidance)
         if not self._load_dir(directory, guidance, ort_missing, shapes.dims):
             raise EngineError(f"{directory}: the engines just built do not cover {bucket.name}")
 
@@ -377,42 +379,50 @@ class Pipeline:
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
         return default_request(self.config, prompt, **kwargs)
 
-    def prepare(self, req: GenerationRequest, max_tokens: int | None = None) -> None:
-        """Every check a request must pass before any work: the request's rules, the
-        memory budget, engines for its size (built now if compile on first use)."""
+    def prepare(self, req: GenerationRequest, max_tokens: int | None = None, prompts: int = 1) -> None:
+        """Every check a request (``prompts`` of its kind in one batch) must pass before
+        any work: the request's rules, the memory budget, engines for its size and batch
+        (built now if compile on first use)."""
         req.validate(self.config)  # an image needs an InP model
         memory = None
         if self.device != "cpu":
             import torch
 
             memory = torch.cuda.mem_get_info(torch.device(self.device))[0]
-        check_budget(self.config, req, max_tokens, memory)
-        self.ensure(Bucket(req.height, req.width, req.frames), self.guidance_of(req))
+        check_budget(self.config, req, max_tokens, memory, prompts)
+        self.ensure(Bucket(req.height, req.width, req.frames, prompts), self.guidance_of(req))
 
     @staticmethod
     def guidance_of(req: GenerationRequest) -> str:
         """The engines' guidance mode for ``req``: batch-2 or batch-1 DiT calls."""
         return "sequential" if req.guidance_mode == "sequential" or req.guidance_scale == 1.0 else "batched"
 
-    def encode(self, req: GenerationRequest) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings (2, S, E), mask (2, S)) for [negative, positive]."""
-        guidance = self.guidance_of(req)
-        ids, mask = self.tokenize([req.negative_prompt, req.prompt])
+    def encode(self, req: GenerationRequest | Sequence[GenerationRequest]) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings (2N, S, E), mask (2N, S)) for the N requests' [negatives...,
+        positives...]: one text-encoder call (batched guidance) or one per half."""
+        reqs = [req] if isinstance(req, GenerationRequest) else list(req)
+        n, guidance = len(reqs), self.guidance_of(reqs[0])
+        ids, mask = self.tokenize([r.negative_prompt for r in reqs] + [r.prompt for r in reqs])
         engine = self.engine("text_encoder", guidance)
-        if guidance == "batched":
-            emb = np.asarray(engine.run({"input_ids": ids, "attention_mask": mask})["text_embeddings"], np.float32)
-        else:
-            emb = np.concatenate([np.asarray(engine.run({"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]})
-                                             ["text_embeddings"], np.float32) for i in range(2)])
+        halves = [slice(0, 2 * n)] if guidance == "batched" else [slice(0, n), slice(n, 2 * n)]
+        emb = np.concatenate([np.asarray(engine.run({"input_ids": ids[h], "attention_mask": mask[h]})
+                                         ["text_embeddings"], np.float32) for h in halves])
         return emb, mask
 
-    def denoise(self, req: GenerationRequest, emb: np.ndarray, mask: np.ndarray,
+    def denoise(self, req: GenerationRequest | Sequence[GenerationRequest], emb: np.ndarray, mask: np.ndarray,
                 callback: StepCallback | None = None, step_times: list[float] | None = None,
                 trace: list | None = None, checkpoints: Checkpoints | None = None) -> np.ndarray:
-        """The reference's denoising loop on the DiT engine; float32 latents (1, C, F, h, w).
+        """The reference's denoising loop on the DiT engine; float32 latents (N, C, F, h, w)
+        for N requests of one batch (``batch_key``; ``emb``/``mask`` from ``encode`` of
+        them), each from its own seed's noise stream, so each equals its own run.
         ``step_times`` and ``trace`` (lists) receive each step's seconds and latents;
-        ``checkpoints`` resumes from and saves LoopStates (runtime/loop_state.py)."""
+        ``checkpoints`` resumes from and saves LoopStates (runtime/loop_state.py; one
+        request only)."""
+        reqs = [req] if isinstance(req, GenerationRequest) else list(req)
+        req, n = reqs[0], len(reqs)
         checkpoints = checkpoints or Checkpoints()
+        if n > 1 and (checkpoints.resume is not None or checkpoints.save is not None):
+            raise InputError(f"checkpoints resume and save one request's loop; got a batch of {n}")
         if checkpoints.resume is not None:
             checkpoints.resume.check(req)
             if checkpoints.resume.latents.shape != req.latent_shape(self.config):
@@ -421,6 +431,8 @@ class Pipeline:
         if self.device != "cpu":  # device tensors throughout, the step in a CUDA graph
             from .cuda_graphs import denoise_on_device
 
+            if n > 1:
+                raise InputError(f"the GPU loop takes one request at a time; got a batch of {n}")
             x = denoise_on_device(self.model(), req, emb, mask, device=self.device, cuda_graph=self.cuda_graphs,
                                   callback=callback, trace=trace, inpaint=self.inpaint_latents(req),
                                   clip=self.clip_condition(req), checkpoints=checkpoints)
@@ -432,31 +444,40 @@ class Pipeline:
         cache = StepCache(self.step_cache, req.steps) if self.step_cache.enabled else None
         dit = self.engine("dit", guidance) if cache is None else None
         sampler = NumpySampler(req.sampler, req.steps)
-        noise_of = SeededNoise(req.seed)
+        streams = [SeededNoise(r.seed) for r in reqs]
         shape = req.latent_shape(self.config)
-        x = noise_of(shape) * np.float32(sampler.init_noise_sigma)
+
+        def noise() -> np.ndarray:
+            return np.concatenate([s(shape) for s in streams]) if n > 1 else streams[0](shape)
+
+        x = noise() * np.float32(sampler.init_noise_sigma)
         start, key = 0, request_key(req)
         if checkpoints.resume is not None:  # the interrupted run's latents, sampler history and noise stream
             start, x = checkpoints.resume.step, checkpoints.resume.latents.astype(np.float32, copy=True)
             sampler.history = checkpoints.resume.history
-            noise_of.state = checkpoints.resume.noise
-        batch = 2 if batched else 1
+            streams[0].state = checkpoints.resume.noise
+        batch = (2 if batched else 1) * n
         latents = np.empty((batch, *shape[1:]), np.float32)  # persistent input buffers
+        copies = latents.reshape(-1, *x.shape)  # (2 or 1, N, ...): a view the latents go into
         timestep = np.empty((batch,), np.float32)
-        branches = [slice(0, 2)] if batched else [slice(0, 1), slice(1, 2)]
+        # the rows of [negatives..., positives...] each DiT call takes
+        branches = [slice(0, 2 * n)] if batched else [slice(0, n), slice(n, 2 * n)]
         if g == 1.0:
-            branches = [slice(1, 2)]  # unguided: the positive branch alone
+            branches = [slice(n, 2 * n)]  # unguided: the positive branch alone
         inpaint = self.inpaint_latents(req, guidance)
         clip = self.clip_condition(req)
+        if clip is not None and n > 1:  # [negative, positive] -> [negatives..., positives...]
+            clip = tuple(np.repeat(c, n, axis=0) for c in clip)
 
         # Per branch, built once: the text inputs, the InP latents and the CLIP inputs with
         # the image shown (the last clip_apply_ratio of the steps) and hidden.
         fixed, clip_shown, clip_hidden = [], [], []
         for b in branches:
-            n = len(range(2)[b])
+            rows = len(range(2 * n)[b])
             fixed.append({"text": emb[b], "text_mask": mask[b]})
             if inpaint is not None:
-                fixed[-1]["inpaint_latents"] = np.ascontiguousarray(np.broadcast_to(inpaint, (n, *inpaint.shape[1:])))
+                fixed[-1]["inpaint_latents"] = np.ascontiguousarray(np.broadcast_to(inpaint,
+                                                                                    (rows, *inpaint.shape[1:])))
             shown = {"clip_embeds": clip[0][b], "clip_mask": clip[1][b]} if clip is not None else {}
             clip_shown.append(shown)
             clip_hidden.append({k: np.zeros_like(v) for k, v in shown.items()})
@@ -470,13 +491,13 @@ class Pipeline:
         for i in range(start, req.steps):
             t0 = time.perf_counter()
             xin = sampler.scale_model_input(x, i)
-            latents[:] = xin
+            copies[:] = xin
             timestep[:] = sampler.timesteps[i]
             outs = [o[:, :c] for o in step(i)]
             out = np.concatenate(outs) if len(outs) > 1 else outs[0]
-            out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
+            out_u, out_c = (out[:n], out[n:]) if len(out) == 2 * n else (out, out)
             eps = sampler.epsilon(i, xin, out_u + g * (out_c - out_u), self.config.dit.prediction_type)
-            x = sampler.step(i, x, eps, noise_of(shape) if sampler.needs_noise else None)
+            x = sampler.step(i, x, eps, noise() if sampler.needs_noise else None)
             if step_times is not None:
                 step_times.append(time.perf_counter() - t0)
             if trace is not None:
@@ -484,7 +505,7 @@ class Pipeline:
             if checkpoints.due(i + 1, req.steps):
                 history = sampler.history
                 checkpoints.save(LoopState(key, i + 1, x.copy(), None if history is None else history.copy(),
-                                           noise_of.state))
+                                           streams[0].state))
             if callback is not None:
                 callback(i + 1, req.steps)
         self.last_cache_report = cache.report() if cache is not None else None
@@ -581,48 +602,87 @@ class Pipeline:
             frames = engine.run({"context": np.ascontiguousarray(z[:, :, s.ctx_start:s.ctx_end])})["frames"]
             yield frames_to_uint8(np.asarray(frames)[0])
 
-    def _run(self, req: GenerationRequest, callback: StepCallback | None, sink: Callable[[np.ndarray], None] | None,
-             max_tokens: int | None, checkpoints: Checkpoints | None = None) -> Video:
+    def _run(self, reqs: Sequence[GenerationRequest], callback: StepCallback | None,
+             sink: Callable[[np.ndarray], None] | None, max_tokens: int | None,
+             checkpoints: Checkpoints | None = None) -> list[Video]:
+        """One batch (``batch_key``-equal requests): text, loop, then each video's decode."""
         t0 = time.perf_counter()
-        self.prepare(req, max_tokens)
+        n = len(reqs)
+        self.prepare(reqs[0], max_tokens, n)
         timings: dict[str, Any] = {"load": self.timings.get("load", 0.0), "prepare": time.perf_counter() - t0}
+        if n > 1:
+            timings["prompts"] = n  # the text and loop times below are the batch's
         t = time.perf_counter()
-        emb, mask = self.encode(req)
+        emb, mask = self.encode(reqs)
         timings["text"] = time.perf_counter() - t
         t = time.perf_counter()
         steps: list[float] = []
-        latents = self.denoise(req, emb, mask, callback, steps, checkpoints=checkpoints)
+        latents = self.denoise(reqs, emb, mask, callback, steps, checkpoints=checkpoints)
         timings["denoise"], timings["steps"] = time.perf_counter() - t, steps
         if self.last_cache_report is not None:
             timings["step_cache"] = self.last_cache_report
-        t, write = time.perf_counter(), 0.0
-        chunks = []
-        for chunk in self.iter_frames(latents, self.guidance_of(req)):
-            if sink is None:
-                chunks.append(chunk)
-            else:
-                w = time.perf_counter()
-                sink(chunk)
-                write += time.perf_counter() - w
-        timings["decode"], timings["write"] = time.perf_counter() - t - write, write
-        frames = np.concatenate(chunks) if chunks else None
-        return Video(frames, self.config.sampling.fps, latents, timings)
+        videos = []
+        for k in range(n):
+            t, write = time.perf_counter(), 0.0
+            chunks = []
+            for chunk in self.iter_frames(latents[k:k + 1], self.guidance_of(reqs[k])):
+                if sink is None:
+                    chunks.append(chunk)
+                else:
+                    w = time.perf_counter()
+                    sink(chunk)
+                    write += time.perf_counter() - w
+            own = dict(timings, decode=time.perf_counter() - t - write, write=write)
+            frames = np.concatenate(chunks) if chunks else None
+            videos.append(Video(frames, self.config.sampling.fps, latents[k:k + 1], own))
+        return videos
 
     def run(self, req: GenerationRequest, callback: StepCallback | None = None, max_tokens: int | None = None,
             checkpoints: Checkpoints | None = None) -> Video:
-        return self._run(req, callback, None, max_tokens, checkpoints)
+        return self._run([req], callback, None, max_tokens, checkpoints)[0]
 
-    def __call__(self, prompt: str | list[str], callback: StepCallback | None = None, **kwargs
-                 ) -> Video | list[Video]:
-        """One video, or a list for a list of prompts (generated one after another, each
-        checked before the first starts; seeds ``seed``, ``seed + 1``, ...)."""
+    def run_batch(self, reqs: Sequence[GenerationRequest], callback: StepCallback | None = None,
+                  max_tokens: int | None = None) -> list[Video]:
+        """1 .. MAX_PROMPTS requests that differ only in prompt, negative prompt and seed,
+        generated as one batch: one text-encoder call and, per step, DiT calls of batch
+        2N (batched guidance) or two of N (sequential). Each video equals its own run
+        (within float tolerance); step caching takes one decision for the whole batch.
+        On the GPU loop they run one after another."""
+        reqs = list(reqs)
+        if not 1 <= len(reqs) <= MAX_PROMPTS:
+            raise InputError(f"a batch holds 1 .. {MAX_PROMPTS} requests, got {len(reqs)}")
+        for req in reqs:
+            req.validate(self.config)
+        first = batch_key(reqs[0])
+        for req in reqs[1:]:
+            other = batch_key(req)
+            for name, value in first.items():
+                if not _same(value, other[name]):
+                    raise InputError(f"requests in one batch differ only in prompt, negative prompt and seed; "
+                                     f"{name} is {value!r} in the first and {other[name]!r} in another")
+        if self.device != "cpu" and len(reqs) > 1:
+            return [self.run(req, callback, max_tokens) for req in reqs]
+        return self._run(reqs, callback, None, max_tokens)
+
+    def __call__(self, prompt: str | list[str], callback: StepCallback | None = None, batch_size: int | None = None,
+                 **kwargs) -> Video | list[Video]:
+        """One video, or a list for a list of prompts: generated in batches of
+        ``batch_size`` (default: up to MAX_PROMPTS at a time; 1: one after another), every
+        request checked before the first starts; seeds ``seed``, ``seed + 1``, ..."""
         if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise InputError("the list of prompts is empty")
+            size = min(len(prompt), MAX_PROMPTS) if batch_size is None else batch_size
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_PROMPTS:
+                raise InputError(f"batch_size must be an integer in 1 .. {MAX_PROMPTS}, got {batch_size!r}")
             seed = kwargs.pop("seed", None)
             seed = 0 if seed is None else seed
             reqs = [self.request(p, seed=seed + k, **kwargs) for k, p in enumerate(prompt)]
             for req in reqs:
                 req.validate(self.config)
-            return [self.run(req, callback) for req in reqs]
+            return [video for k in range(0, len(reqs), size) for video in self.run_batch(reqs[k:k + size], callback)]
+        if batch_size is not None:
+            raise InputError("batch_size applies to a list of prompts; got one prompt")
         return self.run(self.request(prompt, **kwargs), callback)
 
     generate = __call__
@@ -635,7 +695,7 @@ class Pipeline:
         req.validate(self.config)
         writer = VideoWriter(path, self.config.sampling.fps).__enter__()
         try:
-            video = self._run(req, callback, writer.write, max_tokens, checkpoints)
+            video = self._run([req], callback, writer.write, max_tokens, checkpoints)[0]
         except BaseException as exc:  # Ctrl-C included: no partial file
             writer.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -652,6 +712,17 @@ class Pipeline:
 
 
 TORCH_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def batch_key(req: GenerationRequest) -> dict[str, Any]:
+    """What requests of one batch share: everything but the prompts and the seed."""
+    return {f.name: getattr(req, f.name) for f in fields(req) if f.name not in ("prompt", "negative_prompt", "seed")}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return a is b or (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b))
+    return a == b
 
 
 def _torch_dtype(precision: str):
