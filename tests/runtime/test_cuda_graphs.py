@@ -66,3 +66,56 @@ def test_a_failed_capture_falls_back_to_eager(model, monkeypatch, caplog):
     assert "CUDA graph capture failed (RuntimeError: capture not supported)" in caplog.text
     want = denoise_on_device(gpu_model, req, emb, mask, device="cuda", cuda_graph=False)
     assert np.array_equal(got.cpu().numpy(), want.cpu().numpy())
+
+
+def _cached_pair(tmp_path_factory, model, settings, **kwargs):
+    """The CPU runtime's cached loop (torch backend) and the device loop's, same request."""
+    from easyanimate_rt.engines.buckets import Bucket
+    from easyanimate_rt.reference.weights import save_model
+    from easyanimate_rt.runtime.pipeline import Pipeline
+    from easyanimate_rt.runtime.step_cache import StepCache
+
+    model_dir = save_model(model, tmp_path_factory.mktemp("m") / "tiny")
+    pipe = Pipeline.from_pretrained(model_dir, backend="torch", buckets=[Bucket(32, 32, 9)], cache=settings,
+                                    guidance=kwargs.get("guidance_mode", "batched"))
+    req = pipe.request("a red circle", steps=10, seed=2, frames=9, height=32, width=32, **kwargs)
+    pipe.ensure(Bucket(32, 32, 9), pipe.guidance_of(req))
+    emb, mask = pipe.encode(req)
+    want = pipe.denoise(req, emb, mask)
+    guidance = pipe.guidance_of(req)
+    cache = StepCache(settings, req.steps)
+    head, tail = (pipe.engine(f"dit_cache/{k}", guidance).module for k in ("head", "tail"))
+    return pipe, req, emb, mask, want, cache, head, tail
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"guidance_mode": "sequential"}, {"guidance_scale": 1.0}])
+def test_device_loop_with_step_caching_equals_the_cpu_runtime(model, tmp_path_factory, kwargs):
+    """The GPU loop's step caching, eagerly on the CPU: the CPU runtime's decisions
+    (skips, drift-guard checks) and its latents."""
+    from easyanimate_rt.runtime.step_cache import CacheSettings
+
+    settings = CacheSettings("fbcache", 2.0, check_every=3)
+    pipe, req, emb, mask, want, cache, head, tail = _cached_pair(tmp_path_factory, model, settings, **kwargs)
+    got = denoise_on_device(pipe.model(), req, emb, mask, device="cpu", cuda_graph=False, step_cache=cache,
+                            head=head, tail=tail)
+    report = cache.report()
+    assert report["decisions"] == pipe.last_cache_report["decisions"]
+    assert report["skipped"] >= 2 and report["checked"] >= 1, report["decisions"]
+    assert [e for _, e in report["drift"]] == pytest.approx([e for _, e in pipe.last_cache_report["drift"]],
+                                                            rel=1e-3, abs=1e-6)
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_step_caching_on_the_gpu_equals_the_cpu(model, tmp_path_factory):
+    from easyanimate_rt.runtime.step_cache import CacheSettings, StepCache
+
+    settings = CacheSettings("fbcache", 2.0, check_every=3)
+    pipe, req, emb, mask, want, cache, head, tail = _cached_pair(tmp_path_factory, model, settings)
+    gpu_model = pipe.model().to("cuda")
+    cache = StepCache(settings, req.steps)
+    got = denoise_on_device(gpu_model, req, emb, mask, device="cuda", cuda_graph=True, step_cache=cache,
+                            head=head.to("cuda"), tail=tail.to("cuda"))
+    assert cache.report()["decisions"] == pipe.last_cache_report["decisions"]
+    torch.testing.assert_close(got.cpu(), torch.from_numpy(want), rtol=1e-3, atol=1e-3)

@@ -13,6 +13,11 @@ update, all table arithmetic with the step index in a device tensor
 
 If capture fails (an op that cannot be captured, out of memory), the loop runs eager
 with one log line; ``cuda_graph=False`` (``--no-cuda-graphs``) skips capture.
+
+Step caching (runtime/step_cache.py) runs the DiT as its head and tail modules
+(export/graphs.py, the graphs the CPU runtime exports), the decision on the host from
+one device -> host scalar per metric; that loop runs eagerly (no capture: which of
+head, tail or both runs changes from step to step).
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ log = logging.getLogger(__name__)
 
 def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_graph: bool = True,
                       callback: Callable[[int, int], None] | None = None, trace: list | None = None,
-                      inpaint=None, clip=None, checkpoints=None):
+                      inpaint=None, clip=None, checkpoints=None, step_cache=None, head=None, tail=None):
     """Final latents (1, C, F, h, w) float32 on ``device``; same noise stream and sampler
     tables as the reference pipeline. ``emb``/``mask``: (2, S, E)/(2, S) [negative, positive];
     InP models: ``inpaint`` (1, 2C, F, h, w) and ``clip`` ((2, K) embeds, (2, T) mask), as
     the runtime's ``inpaint_latents``/``clip_condition`` give them (the CLIP inputs are
     buffers refilled before each step: zeros before the last ``clip_apply_ratio``).
     ``checkpoints`` (runtime.pipeline.Checkpoints): start from its ``resume`` state and
-    hand a LoopState to its ``save`` every ``every`` steps (one device -> host copy then)."""
+    hand a LoopState to its ``save`` every ``every`` steps (one device -> host copy then).
+    ``step_cache`` (a StepCache) with the ``head`` and ``tail`` modules
+    (export.graphs.graph_module of the ``dit_cache`` specs): cached steps, eagerly."""
     import torch
 
     from ..reference.samplers import make_sampler
@@ -99,8 +106,13 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
         if sampler.needs_noise:
             noise.copy_(torch.from_numpy(noise_of(shape)), non_blocking=False)
 
+    if step_cache is not None:
+        step = _cached_step(step_cache, head, tail, model.config, x, index, sampler, emb, mask, cond, g, dtype,
+                            prediction, noise, guided, batched)
+        if cuda_graph:
+            log.info("step caching: the GPU denoising loop runs eagerly (no CUDA graph)")
     graph = None
-    if cuda_graph and req.steps > 1:
+    if cuda_graph and req.steps > 1 and step_cache is None:
         graph = _capture(step, x, sampler)
     start = 0
     resume = checkpoints.resume if checkpoints is not None else None
@@ -117,6 +129,8 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
             feed(i)
             if graph is not None:
                 graph.replay()
+            elif step_cache is not None:
+                step(i)
             else:
                 step()
             if trace is not None:
@@ -128,6 +142,57 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
             if callback is not None:
                 callback(i + 1, req.steps)
     return x
+
+
+def _cached_step(cache, head, tail, config, x, index, sampler, emb, mask, cond, g: float, dtype, prediction, noise,
+                 guided: bool, batched: bool) -> Callable[[int], None]:
+    """The loop's step with step caching: the head on every branch, the cache's decision
+    over all of them (as the CPU runtime's Pipeline._cached_step), the tail when it
+    computes or checks, then guidance and the sampler update in place."""
+    import torch
+
+    from .step_cache import rel_l1
+
+    c = config.vae.latent_channels
+    # (rows of emb, rows of [negative, positive] for cond): unguided, emb holds the positive alone
+    branches = ([(slice(0, 2), slice(0, 2))] if batched else
+                [(slice(0, 1), slice(0, 1)), (slice(1, 2), slice(1, 2))] if guided else [(slice(0, 1), slice(1, 2))])
+    d = config.dit
+    residual: list = [None] * len(branches)  # the tail residual of the last computed step, per branch
+
+    def step(i: int) -> None:
+        xin = sampler.scale_model_input(x, index).to(dtype)
+        t = sampler.timesteps.index_select(0, index.reshape(1))
+        heads = []
+        for k, (b, cb) in enumerate(branches):
+            n = len(range(2)[cb])
+            extra = cond(cb)
+            inp = [extra[name] for name in ("inpaint_latents", "clip_embeds", "clip_mask") if name in extra]
+            if residual[k] is None:
+                _, _, f, hh, ww = xin.shape
+                residual[k] = torch.zeros((n, f, hh // d.patch_size, ww // d.patch_size, d.hidden_size),
+                                          device=x.device, dtype=dtype)
+            heads.append(head(xin.expand(n, *xin.shape[1:]), t.expand(n), emb[b], mask[b], *inp, residual[k]))
+        signals = {"first_residual": torch.cat([h[1] for h in heads]), "modulated": torch.cat([h[2] for h in heads])}
+        decision = cache.decide(i, signals)
+        cached = [h[3] for h in heads]
+        outs = cached
+        if decision != "skip":
+            outs = []
+            for k, h in enumerate(heads):
+                pred, residual[k] = tail(h[0], *h[4:])
+                outs.append(pred)
+            full = torch.cat(outs)
+            if decision == "check":
+                cache.checked(i, rel_l1(torch.cat(cached), full))
+            cache.observe(i, full, consecutive=len(cache.decisions) > 1 and cache.decisions[-2] != "skip")
+            cache.computed(i, signals)
+        out = torch.cat(outs)[:, :c].float()
+        out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
+        eps = sampler.epsilon(index, xin, out_u + g * (out_c - out_u), prediction)
+        x.copy_(sampler.step(index, x, eps, noise if sampler.needs_noise else None))
+
+    return step
 
 
 def _capture(step: Callable[[], None], x, sampler):

@@ -201,9 +201,6 @@ class Pipeline:
         explicit = backend != "auto"
         backends = parse_backend(backend)
         device = resolve_device(device, explicit and "ort" in backends.values())
-        if settings.enabled and device != "cpu":
-            raise InputError(f"step caching (--cache {settings.policy}) runs on the CPU runtime; the GPU loop "
-                             f"(--device {device}) does not have it yet: use --device cpu or --cache none")
         precision = precision or ("fp32" if device == "cpu" else "bf16")
         if device != "cpu":
             if not set(backends.values()) <= {"torch"}:
@@ -433,9 +430,17 @@ class Pipeline:
 
             if n > 1:
                 raise InputError(f"the GPU loop takes one request at a time; got a batch of {n}")
+            cached: dict[str, Any] = {}
+            if self.step_cache.enabled:  # the head and tail modules (TorchEngine) ensure() made
+                guidance = self.guidance_of(req)
+                cached = dict(step_cache=StepCache(self.step_cache, req.steps),
+                              head=self.engine("dit_cache/head", guidance).module,
+                              tail=self.engine("dit_cache/tail", guidance).module)
             x = denoise_on_device(self.model(), req, emb, mask, device=self.device, cuda_graph=self.cuda_graphs,
                                   callback=callback, trace=trace, inpaint=self.inpaint_latents(req),
-                                  clip=self.clip_condition(req), checkpoints=checkpoints)
+                                  clip=self.clip_condition(req), checkpoints=checkpoints, **cached)
+            self.last_cache_report = cached["step_cache"].report() if cached else None
+            self.last_cache_pairs = cached["step_cache"].pairs if cached else []
             return x.float().cpu().numpy()
         c = self.config.vae.latent_channels
         g = req.guidance_scale

@@ -22,7 +22,9 @@ would be exceeded, the tail is computed anyway and compared with the cached pred
 (relative L1); above ``drift_bound`` the threshold is halved for the rest of the run and
 a line is logged. Each run reports its computed, skipped and checked steps.
 
-Torch-free: the metrics run on whatever arrays the backend returns (numpy here).
+Torch-free: the metrics run on whatever arrays the loop holds: numpy on the CPU
+runtime, device tensors in the GPU loop (one host sync per metric: a decision is a
+branch on the host).
 """
 
 from __future__ import annotations
@@ -78,10 +80,22 @@ class CacheSettings:
         return self.policy != "none"
 
 
-def rel_l1(a: np.ndarray, b: np.ndarray) -> float:
-    """mean |a - b| / mean |b| (0 where b is all zeros and a equals it)."""
-    den = float(np.abs(b).mean())
-    num = float(np.abs(a - b).mean())
+def _mean_abs(x) -> float:
+    if hasattr(x, "detach"):  # a torch tensor: accumulate in float32 whatever its dtype
+        return float(x.detach().abs().float().mean())
+    return float(np.abs(x).mean())
+
+
+def _keep(x):
+    """A copy the next step cannot overwrite (numpy array or torch tensor)."""
+    return x.clone() if hasattr(x, "clone") else x.copy()
+
+
+def rel_l1(a, b) -> float:
+    """mean |a - b| / mean |b| (0 where b is all zeros and a equals it); numpy arrays or
+    torch tensors."""
+    den = _mean_abs(b)
+    num = _mean_abs(a - b)
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
@@ -123,7 +137,7 @@ class StepCache:
         s = self.settings
         m = self.metric(signals)
         if s.policy == "teacache":
-            self._prev = signals["modulated"].copy()
+            self._prev = _keep(signals["modulated"])
         if i < s.warmup or i >= self.steps - s.cooldown or not np.isfinite(m):
             return self._record("compute")
         would_skip = (self._acc + m if s.policy == "teacache" else m) < self.threshold
@@ -144,7 +158,7 @@ class StepCache:
     def computed(self, i: int, signals: dict[str, np.ndarray]) -> None:
         """After the tail ran at step ``i`` (computed or checked): the new reference."""
         if self.settings.policy == "fbcache":
-            self._ref = signals["first_residual"].copy()
+            self._ref = _keep(signals["first_residual"])
         self._acc = 0.0
         self._run = 0
 
