@@ -37,9 +37,14 @@ def export_dir(tmp_path_factory):
         require(m)
     from easyanimate_rt.export.onnx import export_model
 
+    from easyanimate_rt.reference.weights import save_model
+
     model = build_model("tiny")
+    # saved as a model directory, the export's recorded source: a build outside this
+    # process (the CLI's) loads these weights as its reference
+    source = save_model(model, tmp_path_factory.mktemp("model") / "tiny")
     root = tmp_path_factory.mktemp("export") / "tiny"
-    export_model(model, root, "fp32", ["text_encoder", "dit", "vae_decoder"], source="tiny", seed=0)
+    export_model(model, root, "fp32", ["text_encoder", "dit", "vae_decoder"], source=str(source), seed=0)
     return root, model
 
 
@@ -270,15 +275,13 @@ def test_cli_build_ls_verify(export_dir, tmp_path, capsys):
 
     root, _ = export_dir
     cache = tmp_path / "c"
-    # the CLI loads the export's source (preset tiny, seed 0) as the reference: this export
-    # came from randomised weights, so point it at a fresh export of the plain preset
     fresh = tmp_path / "fresh"
     assert main(["export", "tiny", "--out", str(fresh), "--networks", "text_encoder", "-q"]) == 0
     assert main(["build", str(fresh), "--out", str(tmp_path / "e"), "--backend", "ort-cpu", "--buckets",
                  "64x64x9", "--cache-dir", str(cache), "--threads", "1"]) == 2  # the export lacks the DiT
     assert "lacks the graphs" in capsys.readouterr().err
-    assert main(["export", "tiny", "--out", str(fresh), "--networks", "dit", "vae_decoder", "-q"]) == 0
-    assert main(["build", str(fresh), "--out", str(tmp_path / "e"), "--backend", "ort-cpu", "--buckets",
+    # the module's export (its source: the saved model directory the CLI loads as reference)
+    assert main(["build", str(root), "--out", str(tmp_path / "e"), "--backend", "ort-cpu", "--buckets",
                  "64x64x9", "--cache-dir", str(cache), "--threads", "1", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "dit" in printed and "onnx_fp32" in printed and "wrote" in printed

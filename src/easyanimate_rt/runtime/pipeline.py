@@ -231,8 +231,9 @@ class Pipeline:
                    threads=threads, seed=seed, compile=compile, fingerprint=fingerprint, progress=progress,
                    model=model, device=device, cuda_graphs=cuda_graphs, clip_encoder=clip_encoder,
                    step_cache=settings)
-        for b in buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]:
-            pipe.ensure(b, guidance)
+        wanted = buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]
+        for b in wanted:  # one build for all of them, when any is missing
+            pipe.ensure(b, guidance, build_with=wanted)
         if tok_dir is None and pipe._model is not None:  # a preset in memory: its own tokenizer
             text = pipe._model.text_encoder
             pipe.tokenize = lambda prompts: tuple(t.numpy().astype(np.int64) for t in text.tokenize(prompts))
@@ -265,9 +266,10 @@ class Pipeline:
 
     # --- engines ---------------------------------------------------------------------------
 
-    def ensure(self, bucket: Bucket, guidance: str = "batched") -> None:
+    def ensure(self, bucket: Bucket, guidance: str = "batched", build_with: Sequence[Bucket] = ()) -> None:
         """Engines for every graph ``bucket`` runs with ``guidance``: loaded, built into the
-        engine cache (compile on first use), or a ShapeError naming what was built."""
+        engine cache (compile on first use; together with ``build_with``, so several
+        buckets cost one build), or a ShapeError naming what was built."""
         # An InP model encodes a mask and a masked video for every request (text-to-video too).
         shapes = bucket_shapes(self.config, bucket, guidance, image_to_video=self.config.dit.inpaint,
                                step_cache=self.step_cache.enabled)
@@ -292,7 +294,7 @@ class Pipeline:
                              f"{bucket.name}` or allow compile on first use")
         # a batch of prompts: engines for the largest batch, which every smaller one loads too
         target = replace(bucket, prompts=MAX_PROMPTS) if bucket.prompts > 1 else bucket
-        self._build(directory, sorted(set(built) | {target.name}), guidance)
+        self._build(directory, sorted(set(built) | {target.name} | {b.name for b in build_with}), guidance)
         if not self._load_dir(directory, guidance, ort_missing, shapes.dims):
             raise EngineError(f"{directory}: the engines just built do not cover {bucket.name}")
 
