@@ -51,7 +51,8 @@ def add_build_parser(subparsers) -> None:
     p.add_argument("source", help="export directory, model directory or preset name")
     p.add_argument("--out", required=True, type=Path, help="engine directory to write")
     p.add_argument("--backend", required=True, choices=BACKENDS)
-    p.add_argument("--buckets", required=True, help="HxWxF,... the videos you will generate (e.g. 384x672x144)")
+    p.add_argument("--buckets", required=True, help="HxWxF[bN],... the videos you will generate (e.g. "
+                                                    "384x672x144; 64x64x17b4: batches of up to 4 prompts)")
     p.add_argument("--guidance", choices=["batched", "sequential"], default="batched",
                    help="batched: DiT batch 2 (default); sequential: two batch-1 calls")
     p.add_argument("--ranged", action="store_true", help="one min/opt/max profile over all buckets")
