@@ -33,6 +33,10 @@ class EngineError(EasyAnimateError):
     """Building, loading or running an inference engine failed."""
 
 
+class NumericalError(EasyAnimateError):
+    """A computation produced NaN or infinite values (the message names where)."""
+
+
 class MissingDependencyError(EasyAnimateError, ImportError):
     """A library is missing; the message names the extra to install (``extra=""``: a
     base dependency, so the install itself is incomplete)."""

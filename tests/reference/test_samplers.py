@@ -25,6 +25,9 @@ TOL = {
     "closed_loop_abs": 1e-5,  # model inputs and final sample, closed loop
     "forced_rel": 1e-5,  # max |dx| / max |x_ref| per step, teacher forced
     "add_noise_abs": 1e-6,
+    # ~1000 closed-loop steps accumulate float32 rounding in both implementations
+    # (measured 1.5e-5 at 999 steps, ddim and dpm++)
+    "closed_loop_abs_1000_steps": 5e-5,
 }
 STEPS = (7, 25, 30)
 # One or two steps jump from t=999 straight to x0, multiplying rounding by 1/sqrt(abar_999)
@@ -149,6 +152,66 @@ def test_matches_diffusers_teacher_forced(name, num_steps):
     assert worst <= TOL["forced_rel"], f"{name} x{num_steps}: max relative diff {worst:.3g}"
 
 
+# The most steps each sampler takes at T = 1000 (ddim: 1000 would start past timestep 999)
+# and one below; dpm++ at 1000 repeats a timestep, where diffusers returns NaN (below).
+EDGE = [("ddim", 999), ("euler", 999), ("euler", 1000), ("euler_a", 1000), ("dpm++", 998), ("dpm++", 999)]
+
+
+@pytest.mark.parametrize("name,num_steps", EDGE)
+def test_matches_diffusers_teacher_forced_at_the_most_steps(name, num_steps):
+    worst = 0.0
+    for _, _, x_a, x_b in run_pair(name, num_steps, forced=True):
+        worst = max(worst, (x_a - x_b).abs().max().item() / max(1.0, x_b.abs().max().item()))
+    assert torch.isfinite(x_a).all()
+    assert worst <= TOL["forced_rel"], f"{name} x{num_steps}: max relative diff {worst:.3g}"
+
+
+def _dpm_1000_pair(model, restart: bool):
+    """dpm++ at 1000 steps (t = 500 twice) against diffusers on its own 1000 timesteps with
+    the repeat removed (999 steps; ``restart``: its multistep history reset after the
+    repeat, as ours). Yields (ours, theirs) latents at every timestep both visit."""
+    ours, theirs = make_sampler("dpm++", 1000), reference("dpm++")
+    theirs.set_timesteps(1000)
+    assert torch.equal(ours.timesteps, theirs.timesteps)  # diffusers' timesteps, the repeat included
+    t_all = ours.timesteps.tolist()
+    repeat = [i for i in range(1, 1000) if t_all[i] == t_all[i - 1]]
+    assert repeat == [500] and t_all[500] == 500
+    theirs.set_timesteps(timesteps=t_all[:500] + t_all[501:])
+    x_a = x_b = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    j = 0
+    for i, t in enumerate(ours.timesteps):
+        eps = model(x_a, t)
+        if i == 499:  # the step onto the repeat is the identity
+            assert torch.equal(ours.step(i, x_a, eps), x_a)
+            continue
+        x_a = ours.step(i, x_a, eps)
+        t_b = theirs.timesteps[j]
+        assert t_b == t
+        if restart and i == 500:
+            theirs.lower_order_nums = 0  # first order after the repeat
+        x_b = theirs.step(model(x_b, t_b), t_b, x_b).prev_sample
+        j += 1
+        yield x_a, x_b
+
+
+def test_dpm_at_1000_steps_is_diffusers_without_the_repeated_timestep():
+    """A fixed random eps per timestep (the same eps at both visits of t = 500): equal to
+    diffusers on the deduplicated timesteps with the history restarted after the repeat,
+    to the teacher-forced tolerance; closed loop, equal to plain deduplicated diffusers
+    (diffusers before 0.2x dropped repeats this way), the first-order step costs nothing."""
+    table = torch.randn((1000, *SHAPE), generator=torch.Generator().manual_seed(2))
+    worst = 0.0
+    for x_a, x_b in _dpm_1000_pair(lambda x, t: table[int(t)], restart=True):
+        worst = max(worst, (x_a - x_b).abs().max().item() / max(1.0, x_b.abs().max().item()))
+    assert torch.isfinite(x_a).all()
+    assert worst <= TOL["forced_rel"], f"max relative diff {worst:.3g}"
+    worst = 0.0
+    for x_a, x_b in _dpm_1000_pair(fake_model, restart=False):
+        worst = max(worst, (x_a - x_b).abs().max().item())
+    assert worst <= TOL["closed_loop_abs_1000_steps"], f"max abs diff {worst:.3g}"
+    assert (x_a - DATA).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_tensor_index_equals_int_index(name):
     by_int, by_tensor = make_sampler(name, 9), make_sampler(name, 9)
@@ -224,7 +287,7 @@ def test_bad_step_count(steps):
 
 def test_ddim_refuses_a_timestep_past_the_schedule():
     # 1000 leading steps plus steps_offset 1 would ask for timestep 1000.
-    with pytest.raises(InputError, match="timestep 1000"):
+    with pytest.raises(InputError, match="1000 steps reach timestep 1000; use at most 999 steps"):
         make_sampler("ddim", 1000)
 
 

@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..media import from_uint8, save_video, to_uint8
 from .request import GUIDANCE_MODES, GenerationRequest, default_request  # noqa: F401 (re-exported)
 from .samplers import make_sampler
-from .schedule import SeededNoise
+from .schedule import SeededNoise, nonfinite_error
 from .weights import EasyAnimateModel, load_model_or_preset
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,9 @@ class ReferencePipeline:
     @torch.no_grad()
     def denoise(self, req: GenerationRequest, emb: torch.Tensor, mask: torch.Tensor,
                 callback: StepCallback | None = None, trace: list | None = None) -> torch.Tensor:
-        """The guided sampler loop; ``trace`` (a list) receives the latents after each step."""
+        """The guided sampler loop; ``trace`` (a list) receives the latents after each step.
+        Latents that turn NaN or infinite stop the loop with a NumericalError naming the
+        step and the sampler."""
         dit = self.model.dit
         dtype = dit.proj_out.weight.dtype
         c = self.config.vae.latent_channels
@@ -187,6 +189,8 @@ class ReferencePipeline:
             if sampler.needs_noise:
                 noise = torch.from_numpy(noise_of(shape)).to(self.device)
             x = sampler.step(i, x, eps, noise)
+            if not bool(torch.isfinite(x).all()):  # one sync a step: the yardstick, not the fast path
+                raise nonfinite_error(i + 1, req.steps, req.sampler)
             if trace is not None:
                 trace.append(x.detach().cpu().clone())
             if callback is not None:

@@ -192,7 +192,9 @@ class DDIMSampler(Sampler):
     step to t - T // N is x' = sqrt(abar') x0 + sqrt(1 - abar') eps with
     x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); folded into x' = a x + b eps. Past
     t = 0 abar' is 1 (diffusers' set_alpha_to_one), so the last step returns x0.
-    No clipping of x0 (clip_sample=False, as EasyAnimate configures it).
+    No clipping of x0 (clip_sample=False, as EasyAnimate configures it). A step count
+    whose first timestep would pass T - 1 (N = T with steps_offset 1) is an InputError
+    (schedule.check_sampler: request validation refuses it before any work).
     """
 
     name = "ddim"
@@ -244,6 +246,13 @@ class DPMSolverPP2MSampler(Sampler):
     step first order whenever the final sigma is 0, whatever N (lower_order_final
     alone would only do so below 15 steps); there h is infinite, r = 0 and the
     second-order term would be 0 * inf. That last step returns x0 exactly.
+
+    At N = T the N + 1 linspace points round onto T integers, so one timestep repeats
+    (t = 500 twice for T = 1000). The step onto the repeat has h = 0: A = 1, B = C = 0,
+    the identity. The step after it is first order (its history x0 is at the same
+    noise level, r = 0). diffusers divides by that r and returns NaN from there on; this
+    trajectory equals diffusers' on the timesteps with the repeat removed and its
+    multistep history restarted after it.
     """
 
     name = "dpm++"

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NumericalError
 
 SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpm++")
 SEED_RANGE = (0, 2**64)  # numpy's PCG64 takes any non-negative integer; this keeps seeds portable
@@ -80,13 +80,27 @@ def interp_sigmas(schedule: TrainingSchedule, t: np.ndarray) -> np.ndarray:
 # --- tables: (timesteps (N,), float64 coefficients (N, K), init_noise_sigma) ---------------------
 
 
+def _ddim_first_timestep(s: TrainingSchedule, N: int) -> int:
+    """The first (largest) of DDIM's "leading" timesteps: (N - 1) * (T // N) + steps_offset."""
+    return (N - 1) * (s.num_train_timesteps // N) + s.steps_offset
+
+
+def _ddim_check(s: TrainingSchedule, N: int) -> None:
+    """Leading spacing runs past the schedule for some N (with steps_offset 1: N = T,
+    whose first timestep would be T; diffusers indexes past its table there)."""
+    T, first = s.num_train_timesteps, _ddim_first_timestep(s, N)
+    if first >= T:
+        fits = next((n for n in range(N - 1, 0, -1) if _ddim_first_timestep(s, n) < T), None)
+        hint = f"; use at most {fits} steps" if fits else ""
+        raise InputError(f"ddim: its timesteps (steps - 1) * ({T} // steps) + steps_offset {s.steps_offset} "
+                         f"must stay below {T}, but {N} steps reach timestep {first}{hint}")
+
+
 def _ddim(s: TrainingSchedule, N: int):
     """DDIM, eta 0, "leading" spacing; x' = a x + b eps (see samplers.DDIMSampler)."""
-    T, ratio = s.num_train_timesteps, s.num_train_timesteps // N
+    _ddim_check(s, N)
+    ratio = s.num_train_timesteps // N
     t = np.arange(N - 1, -1, -1, dtype=np.int64) * ratio + s.steps_offset
-    if int(t[0]) >= T:
-        raise InputError(f"ddim with steps_offset {s.steps_offset} reaches timestep {int(t[0])} >= {T} "
-                         f"at {N} steps; use fewer steps")
     abar = s.alphas_cumprod.astype(np.float64)
     prev = t - ratio
     abar_t = abar[t]
@@ -130,9 +144,17 @@ def _dpm(s: TrainingSchedule, N: int):
     phi = alpha[1:] * (1 - lo / hi)
     with np.errstate(over="ignore"):  # the last step: sigma' = 0, h = inf (first order there)
         h = np.log(hi / np.clip(lo, np.finfo(np.float64).tiny, None))
+    # Second order between the first and the last step, except around a repeated
+    # timestep (N = T: N + 1 points rounded onto T integers repeat one): the step onto
+    # the repeat has h = 0 and is the identity (ratio 1, phi 0), and the step after it
+    # is first order, its history being at the same noise level (r = 0; the x0 there is
+    # the one this step computes again). diffusers divides by that r = 0 (NaN).
     half_over_r = np.zeros(N)
     if N > 2:
-        half_over_r[1:N - 1] = 0.5 / (h[:N - 2] / h[1:N - 1])  # second order between the first and last step
+        prev, cur = h[:N - 2], h[1:N - 1]
+        second = (prev > 0) & (cur > 0)
+        half_over_r[1:N - 1] = np.where(second, 0.5 / (np.where(second, prev, 1.0) / np.where(second, cur, 1.0)),
+                                        0.0)
     return t, np.stack([alpha[:-1], sigma_vp[:-1], ratio, phi * (1 + half_over_r), -phi * half_over_r], axis=1), 1.0
 
 
@@ -163,13 +185,14 @@ class SamplerDef:
     name: str
     tables: Callable[[TrainingSchedule, int], tuple[np.ndarray, np.ndarray, float]]
     step: Callable[..., tuple[Any, Any]]
+    check: Callable[[TrainingSchedule, int], None] | None = None  # a step count the sampler cannot take
     needs_noise: bool = False
     scales_input: bool = False  # column 0 of the table scales the model input (Euler samplers)
     multistep: bool = False     # keeps the previous x0 (DPM++)
 
 
 DEFINITIONS: dict[str, SamplerDef] = {
-    "ddim": SamplerDef("ddim", _ddim, _ddim_step),
+    "ddim": SamplerDef("ddim", _ddim, _ddim_step, check=_ddim_check),
     "euler": SamplerDef("euler", _euler, _euler_step, scales_input=True),
     "euler_a": SamplerDef("euler_a", _euler_a, _euler_a_step, needs_noise=True, scales_input=True),
     "dpm++": SamplerDef("dpm++", _dpm, _dpm_step, multistep=True),
@@ -183,7 +206,10 @@ def check_sampler(name: str, steps: int, schedule: TrainingSchedule) -> SamplerD
     T = schedule.num_train_timesteps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
         raise InputError(f"{name}: num_steps must be an integer in [1, {T}], got {steps!r}")
-    return DEFINITIONS[name]
+    d = DEFINITIONS[name]
+    if d.check is not None:  # a sampler's own limits inside [1, T], before any work
+        d.check(schedule, steps)
+    return d
 
 
 @dataclass
@@ -248,6 +274,13 @@ class NumpySampler:
     @history.setter
     def history(self, value: np.ndarray | None) -> None:
         self._prev = None if value is None else np.asarray(value, np.float32)
+
+
+def nonfinite_error(step: int, steps: int, sampler: str) -> NumericalError:
+    """What a denoising loop raises when its latents are NaN or infinite after ``step``
+    (1-based) of ``steps``; every loop (reference, runtime, GPU) says it the same way."""
+    return NumericalError(f"denoising stopped: the latents became NaN or infinite at step {step} of {steps} "
+                          f"(sampler {sampler})")
 
 
 def check_seed(seed: Any) -> int:

@@ -14,6 +14,11 @@ update, all table arithmetic with the step index in a device tensor
 If capture fails (an op that cannot be captured, out of memory), the loop runs eager
 with one log line; ``cuda_graph=False`` (``--no-cuda-graphs``) skips capture.
 
+Non-finite latents: each step (inside the graph) writes whether the latents it left are
+all finite into a per-step device flag; the host reads the flags once, after the loop
+(and at a checkpoint, which reads the latents back anyway), and raises a NumericalError
+naming the first bad step. No host sync per step for it.
+
 Step caching (runtime/step_cache.py) runs the DiT as its head and tail modules
 (export/graphs.py, the graphs the CPU runtime exports), the decision on the host from
 one device -> host scalar per metric; that loop runs eagerly (no capture: which of
@@ -26,7 +31,7 @@ import logging
 from typing import Callable
 
 from ..reference.request import GenerationRequest
-from ..reference.schedule import SeededNoise
+from ..reference.schedule import SeededNoise, nonfinite_error
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,9 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
     ``checkpoints`` (runtime.pipeline.Checkpoints): start from its ``resume`` state and
     hand a LoopState to its ``save`` every ``every`` steps (one device -> host copy then).
     ``step_cache`` (a StepCache) with the ``head`` and ``tail`` modules
-    (export.graphs.graph_module of the ``dit_cache`` specs): cached steps, eagerly."""
+    (export.graphs.graph_module of the ``dit_cache`` specs): cached steps, eagerly.
+    Latents that turn NaN or infinite raise a NumericalError naming the first such step
+    and the sampler, after the loop (or before a checkpoint would save them)."""
     import torch
 
     from ..reference.samplers import make_sampler
@@ -64,6 +71,7 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
     if not guided:
         emb, mask = emb[1:], mask[1:]
     index = torch.zeros((), dtype=torch.int64, device=device)
+    finite = torch.ones(req.steps, dtype=torch.bool, device=device)  # per step: latents finite after it
     noise = torch.zeros(shape, device=device)
     if inpaint is not None:
         inpaint = torch.as_tensor(inpaint).to(device, dtype)
@@ -96,6 +104,7 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
             out_u = out_c = dit(xin, t, emb, mask, **cond(slice(1, 2)))[:, :c].float()
         eps = sampler.epsilon(index, xin, out_u + g * (out_c - out_u), prediction)
         x.copy_(sampler.step(index, x, eps, noise if sampler.needs_noise else None))
+        _flag_finite(finite, index, x)
 
     def feed(i: int) -> None:
         index.fill_(i)
@@ -108,7 +117,7 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
 
     if step_cache is not None:
         step = _cached_step(step_cache, head, tail, model.config, x, index, sampler, emb, mask, cond, g, dtype,
-                            prediction, noise, guided, batched)
+                            prediction, noise, guided, batched, finite)
         if cuda_graph:
             log.info("step caching: the GPU denoising loop runs eagerly (no CUDA graph)")
     graph = None
@@ -124,6 +133,7 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
                 sampler._prev_x0 = torch.zeros_like(x, dtype=torch.float32)
             sampler._prev_x0.copy_(torch.from_numpy(resume.history))
         noise_of.state = resume.noise
+    finite.fill_(True)  # the capture's warm-up step wrote one
     with torch.no_grad():
         for i in range(start, req.steps):
             feed(i)
@@ -136,16 +146,32 @@ def denoise_on_device(model, req: GenerationRequest, emb, mask, *, device, cuda_
             if trace is not None:
                 trace.append(x.detach().float().cpu().numpy())
             if checkpoints is not None and checkpoints.due(i + 1, req.steps):
+                _check_finite(finite, i + 1, req)  # never a NaN state: this reads back anyway
                 history = sampler._prev_x0
                 checkpoints.save(LoopState(request_key(req), i + 1, x.detach().float().cpu().numpy(),
                                            None if history is None else history.cpu().numpy(), noise_of.state))
             if callback is not None:
                 callback(i + 1, req.steps)
+    _check_finite(finite, req.steps, req)  # one device -> host read for the whole loop
     return x
 
 
+def _flag_finite(finite, index, x) -> None:
+    """finite[index] <- whether ``x`` is all finite, on the device (capturable, no sync)."""
+    import torch
+
+    finite.index_copy_(0, index.reshape(1), torch.isfinite(x).all().reshape(1))
+
+
+def _check_finite(finite, done: int, req: GenerationRequest) -> None:
+    """Raise the NumericalError of the first of steps 1 .. ``done`` whose flag is down."""
+    flags = finite[:done].cpu()
+    if not bool(flags.all()):
+        raise nonfinite_error(int(flags.logical_not().nonzero()[0]) + 1, req.steps, req.sampler)
+
+
 def _cached_step(cache, head, tail, config, x, index, sampler, emb, mask, cond, g: float, dtype, prediction, noise,
-                 guided: bool, batched: bool) -> Callable[[int], None]:
+                 guided: bool, batched: bool, finite) -> Callable[[int], None]:
     """The loop's step with step caching: the head on every branch, the cache's decision
     over all of them (as the CPU runtime's Pipeline._cached_step), the tail when it
     computes or checks, then guidance and the sampler update in place."""
@@ -191,6 +217,7 @@ def _cached_step(cache, head, tail, config, x, index, sampler, emb, mask, cond, 
         out_u, out_c = (out[:1], out[1:]) if len(out) == 2 else (out, out)
         eps = sampler.epsilon(index, xin, out_u + g * (out_c - out_u), prediction)
         x.copy_(sampler.step(index, x, eps, noise if sampler.needs_noise else None))
+        _flag_finite(finite, index, x)
 
     return step
 
