@@ -1,6 +1,6 @@
 """A real `easyanimate-rt serve` process on 127.0.0.1 for the serving tests and the load
 benchmark: started on a free port, found through its store's server.json, stopped
-with SIGTERM (or killed)."""
+with SIGTERM, interrupted with SIGINT (Ctrl-C), or killed."""
 
 from __future__ import annotations
 
@@ -17,13 +17,20 @@ import httpx
 FINAL = ("completed", "failed", "cancelled")
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn for a child that may get SIGINT: a shell running the tests in
+    the background ignores SIGINT, its children inherit that, and Python then never
+    raises KeyboardInterrupt; the child gets the default back, as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     def __init__(self, store: Path, *args: str, env: dict | None = None, wait: float = 240.0):
         self.store = Path(store)
-        (self.store / "server.json").unlink(missing_ok=True)
         self.log = open(self.store.parent / f"{self.store.name}.log", "ab")
         cmd = [sys.executable, "-m", "easyanimate_rt", "serve", "--store", str(self.store), "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     preexec_fn=default_sigint)
         self.url = self._wait_for_address(wait)
 
     def _wait_for_address(self, wait: float) -> str:
@@ -32,8 +39,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
-            if address.exists():
-                url = json.loads(address.read_text())["url"]
+            written = json.loads(address.read_text()) if address.exists() else {}
+            if written.get("pid") == self.proc.pid:  # not a stale file from an earlier server
+                url = written["url"]
                 try:
                     if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                         return url
@@ -55,9 +63,10 @@ class Server:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop it with ``sig`` (SIGINT: Ctrl-C); its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(90)
             except subprocess.TimeoutExpired:

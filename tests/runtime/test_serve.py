@@ -206,6 +206,71 @@ def test_other_errors_and_the_server_stays_up(client):
     assert client.get("/healthz").json()["status"] == "ok"
 
 
+def test_a_retry_without_a_seed_is_the_same_job(client):
+    """Idempotency-Key matches the body the client sent, not the request with the seed the
+    server drew: retries racing the first submission all get its job."""
+    body = {"prompt": "a purple dot, no seed given", "steps": 2}
+    barrier = threading.Barrier(8)
+    replies: list = []
+
+    def submit() -> None:
+        barrier.wait()
+        replies.append(client.post("/v1/videos", json=body, headers={"Idempotency-Key": "no-seed"}))
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in replies) == [200] * 7 + [202], [r.text for r in replies]
+    ids = {r.json()["id"] for r in replies}
+    assert len(ids) == 1 and len({r.json()["request"]["seed"] for r in replies}) == 1
+    again = client.post("/v1/videos", json={**body, "seed": None}, headers={"Idempotency-Key": "no-seed"})
+    assert again.status_code == 200 and again.json()["id"] in ids  # null is the field left out
+    other = client.post("/v1/videos", json={**body, "steps": 3}, headers={"Idempotency-Key": "no-seed"})
+    assert other.status_code == 409, other.text
+    assert f"was used for a different request (job {ids.pop()})" in other.json()["error"]["message"]
+
+
+HOSTILE = [
+    # (method, path, body, headers, what the 400's message must say)
+    ("POST", "/v1/videos", b"[" * 30000, {}, "at most 32 levels deep, got 30000"),
+    ("POST", "/v1/videos", b'{"a":' * 10000 + b"1" + b"}" * 10000, {}, "at most 32 levels deep, got 10000"),
+    ("POST", "/v1/videos", b'{"prompt": "x", "a": ' + b"[" * 33 + b"]" * 33 + b"}", {}, "levels deep, got 34"),
+    ("POST", "/v1/videos", b'{"prompt": "\\\"' + b"[" * 100 + b'", "colour": 1}', {},
+     "colour: Extra inputs are not permitted"),  # brackets in a string (after an escaped quote) do not nest
+    ("POST", "/v1/videos", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", {}, "the request body must be JSON"),
+    ("POST", "/v1/videos", b'{"prompt": "\xff\xfe"}', {}, "the request body must be JSON"),
+    ("POST", "/v1/videos", b'{"prompt": "a\\ud800b", "steps": 2}', {},
+     "prompt must be Unicode text (no unpaired surrogates), got '\\ud800' at index 1"),
+    ("POST", "/v1/videos", b'{"prompt": "x", "negative_prompt": "\\udfff"}', {}, "negative_prompt must be Unicode"),
+    ("POST", "/v1/videos", b"prompt=x&steps=2", {"Content-Type": "application/x-www-form-urlencoded"},
+     "the request body must be JSON"),
+    ("POST", "/v1/videos", b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b--\r\n',
+     {"Content-Type": "multipart/form-data; boundary=b"}, "the request body must be JSON"),
+    ("POST", "/v1/videos", b'{"prompt": ' + b"[1, " * 30 + b"1" + b"]" * 30 + b"}", {},
+     "prompt: Input should be a valid string, got [1, [1, [1, "),
+    ("GET", "/v1/videos?limit=abc", None, {}, "limit: Input should be a valid integer"),
+    ("GET", "/v1/videos?limit=1e3", None, {}, "limit: Input should be a valid integer"),
+    ("GET", "/v1/videos?limit=1" + "0" * 5000, None, {}, "limit: "),
+    ("GET", "/v1/videos?limit=%ff", None, {}, "limit: Input should be a valid integer"),
+    ("GET", "/v1/videos?status=%ff%fe", None, {}, "status must be one of"),
+]
+
+
+def test_hostile_inputs_are_400_and_leave_no_traceback(server, client):
+    seen = len(server.output())
+    for method, path, body, headers, rule in HOSTILE:
+        r = client.request(method, path, content=body, headers=headers)
+        assert r.status_code == 400, (path, body[:80] if body else None, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request" and rule in err["message"], (rule, err)
+        assert len(err["message"]) < 400, err  # a hostile input is not echoed whole
+    assert client.get("/healthz").json()["status"] == "ok"
+    log = server.output()[seen:]
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+
+
 def test_a_full_queue_is_429(tmp_path, args):
     srv = Server(tmp_path / "store", "--max-queue", "2", *args)
     try:

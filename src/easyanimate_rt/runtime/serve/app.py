@@ -12,7 +12,9 @@
 
 Imported only by the server (fastapi is the [serve] extra). Every error is JSON,
 ``{"error": {"type": ..., "message": ...}}``, the message naming the rule and the value;
-bad requests are 400, an over-long body 413, a full queue 429.
+bad requests are 400, an over-long body 413, a full queue 429. A client's input never
+reaches a parser that can fail in an unplanned way: the body's size and nesting depth
+are checked on the raw bytes before it is parsed as JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import threading
 from typing import Any
 
@@ -38,6 +41,8 @@ from .metrics import Metrics
 from .store import FINAL, STATUSES, Conflict, Job, JobStore, QueueFull
 
 MAX_PAGE = 100
+MAX_DEPTH = 32  # JSON nesting of a request body (a valid one nests 1 deep); json.loads recurses per level
+JSON_SPECIAL = re.compile(rb'["\\\[\]{}]')
 
 
 class NotFound(EasyAnimateError):
@@ -54,6 +59,40 @@ class TooLarge(EasyAnimateError):
 
 ERRORS = ((NotFound, 404, "not_found"), (Unauthorized, 401, "unauthorized"), (TooLarge, 413, "too_large"),
           (QueueFull, 429, "queue_full"), (Conflict, 409, "conflict"), (InputError, 400, "invalid_request"))
+
+
+def nesting_depth(body: bytes) -> int:
+    """How deep JSON arrays and objects nest in ``body``, brackets inside strings not
+    counted; a scan of the raw bytes, so it cannot fail however the body is built."""
+    depth = deepest = 0
+    in_string, escaped = False, -1
+    for found in JSON_SPECIAL.finditer(body):
+        i = found.start()
+        if i == escaped:
+            continue
+        c = body[i:i + 1]
+        if in_string:
+            if c == b"\\":
+                escaped = i + 1
+            elif c == b'"':
+                in_string = False
+        elif c == b'"':
+            in_string = True
+        elif c in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in b"]}":
+            depth -= 1
+    return deepest
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def job_json(job: Job, store: JobStore) -> dict[str, Any]:
@@ -98,7 +137,7 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
     async def invalid(_, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
-        return error(400, "invalid_request", f"{where}: {first.get('msg')}, got {first.get('input')!r}")
+        return error(400, "invalid_request", f"{where}: {first.get('msg')}, got {shown(first.get('input'))}")
 
     def authorised(request: Request) -> None:
         if api_key is None:
@@ -125,7 +164,7 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
     @api.post("/v1/videos", status_code=202)
     async def submit(request: Request):
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limits.max_body_bytes:
             raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit), "
                            f"got {length}")
         body = bytearray()
@@ -133,9 +172,14 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
             body += chunk
             if len(body) > limits.max_body_bytes:
                 raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit)")
+        # as few brackets as the limit cannot nest past it: an ordinary body skips the scan (a Python loop)
+        depth = nesting_depth(bytes(body)) if body.count(b"[") + body.count(b"{") > MAX_DEPTH else 0
+        if depth > MAX_DEPTH:
+            raise InputError(f"the request body must nest JSON arrays and objects at most {MAX_DEPTH} levels deep, "
+                             f"got {depth}")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
             raise InputError(f"the request body must be JSON ({exc})") from None
         if not isinstance(data, dict):
             raise InputError(f"the request body must be a JSON object, got {type(data).__name__}")
@@ -144,16 +188,13 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise InputError(f"{where}: {first['msg']}, got {first.get('input')!r}") from None
+            raise InputError(f"{where}: {first['msg']}, got {shown(first.get('input'))}") from None
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InputError(f"Idempotency-Key must be 1 to 255 characters, got {len(key)}")
-        if key is not None:  # a retry's drawn seed must not make it a different request
-            known = await run_in_threadpool(store.by_key, key)
-            if known is not None and fields.get("seed") is None:
-                fields["seed"] = known.request["seed"]
         resolved, req = resolve_request(fields, config, limits)
-        job, created = await run_in_threadpool(store.submit, resolved, req.steps, key, max_queue)
+        # a retry is matched on the body the client sent, not on the resolved request (whose seed was drawn)
+        job, created = await run_in_threadpool(store.submit, resolved, req.steps, key, max_queue, fields)
         if created and wake is not None:
             wake.set()
         return JSONResponse(job_json(job, store), status_code=202 if created else 200,
@@ -212,12 +253,16 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
     @api.post("/v1/videos/{job_id}/cancel")
     def cancel(job_id: str) -> dict:
         find(job_id)
-        return job_json(store.cancel(job_id), store)
+        job = store.cancel(job_id)
+        if job is None:  # deleted since
+            raise NotFound(f"no job with id {job_id!r}")
+        return job_json(job, store)
 
     @api.delete("/v1/videos/{job_id}")
     def delete(job_id: str) -> dict:
         find(job_id)
-        store.delete(job_id)
+        if not store.delete(job_id):  # deleted since
+            raise NotFound(f"no job with id {job_id!r}")
         return {"id": job_id, "object": "video", "deleted": True}
 
     @api.get("/metrics")

@@ -201,5 +201,5 @@ def serve(opts: ServeOptions, say=print) -> None:
                 ex.pipe.close()
         if cluster is not None:
             cluster.close()
-        (opts.store / "server.json").unlink(missing_ok=True)
+        store.clear_address()
         say("server stopped")

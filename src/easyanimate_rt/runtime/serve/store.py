@@ -6,17 +6,26 @@ disagree after a crash. One server owns a store at a time (an exclusive lock fil
 
     STORE/jobs.sqlite3       jobs and checkpoints
     STORE/outputs/ID.mp4     finished videos, written atomically (temp file + rename)
+    STORE/server.lock        held (flock) by the running server; never written or removed
     STORE/server.json        the running server's address (written once it listens)
+
+The store may share its directory with other files: it removes only what it wrote,
+named by the ids it recorded (a job's video, a dead writer's temporary copy of it, its
+own server.json), never by a pattern alone. An existing jobs.sqlite3 is checked before
+anything writes to it: a file that is not SQLite, a database with other tables, or a
+damaged one stops the server (StoreError) and is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import secrets
+import shlex
 import sqlite3
 import threading
 import time
@@ -29,6 +38,9 @@ from ...errors import EasyAnimateError
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINAL = ("completed", "failed", "cancelled")
 ID_PATTERN = re.compile(r"vid_[0-9a-f]{24}")
+# fileio.atomic_path's temporary name for outputs/ID.mp4: .ID.mp4.<mkstemp's 8 characters>.tmp
+TMP_PATTERN = re.compile(r"\.(vid_[0-9a-f]{24})\.mp4\.[a-z0-9_]{8}\.tmp")
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -47,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     resumed_from INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    body_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -56,6 +69,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     state BLOB NOT NULL
 );
 """
+TABLES = {"jobs", "checkpoints", "sqlite_sequence"}  # sqlite_sequence: AUTOINCREMENT's own
+CHECKPOINT_COLUMNS = {"job", "step", "state"}
+# Columns added after the first release, with their migration (an older store gains them on open).
+ADDED_COLUMNS = {"body_sha256": "ALTER TABLE jobs ADD COLUMN body_sha256 TEXT"}
+JOB_COLUMNS = {"seq", "id", "status", "request", "idempotency_key", "step", "total_steps", "error", "timings",
+               "created", "started", "finished", "worker", "attempts", "resumed_from", "cancel_requested",
+               *ADDED_COLUMNS}
 
 
 class StoreError(EasyAnimateError):
@@ -75,6 +95,13 @@ class Conflict(EasyAnimateError):
 def valid_id(job_id: str) -> bool:
     """Ids are ``vid_`` + 24 random hex digits; anything else is never looked up or used in a path."""
     return isinstance(job_id, str) and ID_PATTERN.fullmatch(job_id) is not None
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """The identity of a client's request body for Idempotency-Key: the SHA-256 of its
+    fields as canonical JSON (sorted keys; a field given as null is a field left out)."""
+    given = {k: v for k, v in body.items() if v is not None}
+    return hashlib.sha256(json.dumps(given, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -112,17 +139,90 @@ class JobStore:
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
-        try:
-            (self.dir / "outputs").mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"--store {self.dir}: cannot create it ({exc.strerror})") from None
         self.path = self.dir / "jobs.sqlite3"
         self._local = threading.local()
         self._lock_file = None
         try:
-            self._db().executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--store {self.dir}: cannot create it ({exc.strerror})") from None
+        self._check_database()  # before anything writes to it (WAL mode, tables)
+        try:
+            db = self._db()
+            db.executescript(SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, sql in ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(sql)  # a store from an older release
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: not a usable job store ({exc})") from None
+            raise self._damaged(exc) from None
+        try:
+            (self.dir / "outputs").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--store {self.dir}: cannot create {self.dir / 'outputs'} ({exc.strerror})") from None
+
+    def _check_database(self) -> None:
+        """An existing jobs.sqlite3 must be a sound job store: a StoreError (naming the
+        file and how to move it aside) for anything else, the file left untouched."""
+        if not self.path.exists():
+            return
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise StoreError(f"--store {self.dir}: cannot read {self.path} ({exc.strerror})") from None
+        if not head:
+            return  # an empty file is an empty database
+        if head != SQLITE_HEADER:
+            raise self._foreign(f"is not a SQLite database (it starts with {head[:8]!r})")
+        db = None
+        try:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            foreign, damaged = self._inspect(db)
+        except sqlite3.DatabaseError as exc:
+            foreign, damaged = None, str(exc)
+        finally:
+            if db is not None:
+                db.close()  # first: the -wal and -shm files a reader made are gone again
+        if foreign is not None:
+            raise self._foreign(foreign)
+        if damaged is not None:
+            raise self._damaged(damaged)
+
+    @staticmethod
+    def _inspect(db: sqlite3.Connection) -> tuple[str | None, str | None]:
+        """(why this is not a job store, or None; what is damaged, or None); reads only."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return None, None  # a new database: the schema is created next
+        if not tables <= TABLES or "jobs" not in tables:
+            return (f"is a SQLite database but not a job store (its tables: {sorted(tables)}; a job store has jobs "
+                    f"and checkpoints)"), None
+        missing = {f"jobs.{c}" for c in JOB_COLUMNS - set(ADDED_COLUMNS)} - \
+            {f"jobs.{r[1]}" for r in db.execute("PRAGMA table_info(jobs)")}
+        if "checkpoints" in tables:
+            missing |= {f"checkpoints.{c}" for c in CHECKPOINT_COLUMNS} - \
+                {f"checkpoints.{r[1]}" for r in db.execute("PRAGMA table_info(checkpoints)")}
+        if missing:
+            return f"has tables of another shape (missing columns {sorted(missing)}), so it is not a job store", None
+        problems = [r[0] for r in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            return None, problems[0] + (f" and {len(problems) - 1} more problems" if len(problems) > 1 else "")
+        return None, None
+
+    def _move_aside(self) -> str:
+        """The shell commands that move the database (and SQLite's -wal/-shm beside it) aside."""
+        files = [self.path] + [p for p in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm")) if p.exists()]
+        return "; ".join(f"mv {shlex.quote(str(p))} {shlex.quote(str(p) + '.bad')}" for p in files)
+
+    def _foreign(self, what: str) -> StoreError:
+        return StoreError(f"{self.path} {what}; the server will not start on it and leaves it as it is: move it "
+                          f"aside ({self._move_aside()}) and restart, or give --store another directory")
+
+    def _damaged(self, detail) -> StoreError:
+        return StoreError(f"{self.path}: the job store's database is damaged ({detail}); the server will not start "
+                          f"on it: move it aside ({self._move_aside()}) and restart with a new, empty store; finished "
+                          f"videos in {self.dir / 'outputs'}/ stay usable")
 
     # --- connections -------------------------------------------------------------------
 
@@ -161,6 +261,11 @@ class JobStore:
             raise StoreError(f"--store {self.dir} is in use by another server (server.lock is held); give each "
                              f"server its own store") from None
         self._lock_file = f
+        address = self.dir / "server.json"
+        if address.exists() and self._address_pid() is None:
+            raise StoreError(f"{address} is not a server address file (one holds {{\"url\": ..., \"pid\": ...}}); "
+                             f"the server writes its address there: move that file aside or give --store another "
+                             f"directory")
 
     def output(self, job_id: str) -> Path:
         if not valid_id(job_id):
@@ -170,24 +275,36 @@ class JobStore:
     # --- jobs --------------------------------------------------------------------------
 
     def submit(self, request: dict[str, Any], total_steps: int, idempotency_key: str | None = None,
-               max_queue: int | None = None) -> tuple[Job, bool]:
-        """(job, created). A known ``idempotency_key`` returns its job (a Conflict if the
-        request differs); beyond ``max_queue`` queued jobs, QueueFull."""
-        body = json.dumps(request, sort_keys=True)
+               max_queue: int | None = None, body: dict[str, Any] | None = None) -> tuple[Job, bool]:
+        """(job, created). ``request``: as resolved (a drawn seed included); ``body``: what
+        the client sent (default: ``request``). A known ``idempotency_key`` returns its
+        job if the body is the same (a Conflict if not); beyond ``max_queue`` queued
+        jobs, QueueFull."""
+        stored = json.dumps(request, sort_keys=True)
+        body = request if body is None else body
+        digest = body_digest(body)
         with self._tx() as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
                 if row is not None:
-                    if json.dumps(json.loads(row["request"]), sort_keys=True) != body:
-                        raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different request")
+                    if row["body_sha256"] is not None:
+                        same = row["body_sha256"] == digest
+                    else:  # a job from before bodies were recorded: its request, with its seed if none is given
+                        known = json.loads(row["request"])
+                        seed = body.get("seed")
+                        same = known == {**request, "seed": known.get("seed") if seed is None else seed}
+                    if not same:
+                        raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different request "
+                                       f"(job {row['id']}); a retry must send the same body")
                     return Job.from_row(row), False
             if max_queue is not None:
                 queued = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
                 if queued >= max_queue:
                     raise QueueFull(max_queue)
             job_id = "vid_" + secrets.token_hex(12)
-            db.execute("INSERT INTO jobs (id, status, request, idempotency_key, total_steps, created) "
-                       "VALUES (?, 'queued', ?, ?, ?, ?)", (job_id, body, idempotency_key, total_steps, time.time()))
+            db.execute("INSERT INTO jobs (id, status, request, idempotency_key, total_steps, created, body_sha256) "
+                       "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                       (job_id, stored, idempotency_key, total_steps, time.time(), digest))
             return Job.from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()), True
 
     def get(self, job_id: str) -> Job | None:
@@ -206,10 +323,6 @@ class JobStore:
             yield
         finally:
             db.execute("COMMIT")
-
-    def by_key(self, idempotency_key: str) -> Job | None:
-        row = self._db().execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
-        return Job.from_row(row) if row is not None else None
 
     def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> list[Job]:
         """Newest first; ``after``: the last id of the previous page."""
@@ -274,11 +387,13 @@ class JobStore:
             db.execute("UPDATE jobs SET status = 'queued', worker = NULL, error = ?, attempts = attempts - ? "
                        "WHERE id = ?", (error, 0 if failed_attempt else 1, job_id))
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> Job | None:
         """A queued job is cancelled at once; a running one at its next step boundary; a
-        finished one is a Conflict (cancelled again: unchanged)."""
+        finished one is a Conflict (cancelled again: unchanged). None: no such job."""
         with self._tx() as db:
             row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
             if row["status"] == "queued":
                 db.execute("UPDATE jobs SET status = 'cancelled', finished = ? WHERE id = ?", (time.time(), job_id))
             elif row["status"] == "in_progress":
@@ -287,15 +402,21 @@ class JobStore:
                 raise Conflict(f"job {job_id} is already {row['status']}; there is nothing to cancel")
         return self.get(job_id)
 
-    def delete(self, job_id: str) -> None:
-        """The job, its checkpoint and its video; a running job must be cancelled first."""
-        job = self.get(job_id)
-        if job is not None and job.status == "in_progress":
-            raise Conflict(f"job {job_id} is in progress; cancel it (POST /v1/videos/{job_id}/cancel) before "
-                           f"deleting it")
-        with self._tx() as db:
+    def delete(self, job_id: str) -> bool:
+        """The job, its checkpoint and its video (outputs/ID.mp4, named by the id this
+        store drew); a running job must be cancelled first. False: no such job."""
+        out = self.output(job_id)
+        with self._tx() as db:  # the status read and the delete in one transaction: no worker claims it between
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return False
+            if row["status"] == "in_progress":
+                raise Conflict(f"job {job_id} is in progress; cancel it (POST /v1/videos/{job_id}/cancel) before "
+                               f"deleting it")
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        self.output(job_id).unlink(missing_ok=True)
+        if out.is_file() and not out.is_symlink():
+            out.unlink(missing_ok=True)
+        return True
 
     def recover(self, max_attempts: int) -> tuple[int, int]:
         """At start-up: jobs a dead server left in progress go back to the queue (in
@@ -309,8 +430,10 @@ class JobStore:
                                 (time.time(), max_attempts)).rowcount
             n = db.execute("UPDATE jobs SET status = 'queued', worker = NULL WHERE status = 'in_progress'").rowcount
             db.execute("DELETE FROM checkpoints WHERE job IN (SELECT id FROM jobs WHERE status = 'failed')")
-        for tmp in (self.dir / "outputs").glob(".*.tmp"):  # a dead writer's temporary files
-            tmp.unlink(missing_ok=True)
+        for tmp in (self.dir / "outputs").glob(".vid_*.mp4.*.tmp"):  # a dead writer's temporary copy of a video
+            found = TMP_PATTERN.fullmatch(tmp.name)
+            if found and self.get(found.group(1)) is not None and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
         return n, failed
 
     def counts(self) -> dict[str, int]:
@@ -322,3 +445,17 @@ class JobStore:
         from ...fileio import atomic_write_text
 
         atomic_write_text(self.dir / "server.json", json.dumps({"url": url, "pid": os.getpid()}))
+
+    def _address_pid(self) -> int | None:
+        """The pid in server.json, if it is an address file as write_address writes them."""
+        try:
+            found = json.loads((self.dir / "server.json").read_text())
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(found, dict) and set(found) == {"url", "pid"} and isinstance(found["pid"], int)
+        return found["pid"] if ok else None
+
+    def clear_address(self) -> None:
+        """Remove server.json if this process wrote it."""
+        if self._address_pid() == os.getpid():
+            (self.dir / "server.json").unlink(missing_ok=True)
