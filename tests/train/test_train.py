@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import signal
@@ -283,6 +284,7 @@ def test_shapes_recipe_runs_every_phase_and_writes_a_loadable_model(tmp_path):
 
     recipe = ShapesRecipe(scale=1e-6, cache_size=4, scale_clips=2)
     out = train_shapes(tmp_path / "model", tmp_path / "run", recipe, progress=False)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["kind"] == "easyanimate-rt training run"
     for stage in ("vae", "vae_decoder", "vae_object", "dit"):
         assert latest_checkpoint(tmp_path / "run" / stage) is not None, stage
     decoder_stage, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "run" / "vae_decoder"))
@@ -294,3 +296,9 @@ def test_shapes_recipe_runs_every_phase_and_writes_a_loadable_model(tmp_path):
     video = ReferencePipeline.from_pretrained(out).generate("a red circle moving left", steps=2,
                                                             frames=1, seed=0).frames
     assert video.shape == (1, recipe.size, recipe.size, 3)
+    # Rerun into its own folders: every phase resumes at its last step (no new metrics
+    # row, the marker kept) and the model directory, ours, is replaced.
+    before = {p: p.read_bytes() for p in (tmp_path / "run").glob("**/*") if p.name in ("run.json", "metrics.csv")}
+    assert train_shapes(tmp_path / "model", tmp_path / "run", recipe, progress=False) == out
+    assert {p: p.read_bytes() for p in before} == before and len(before) == 5
+    assert (out / "easyanimate_rt.json").is_file() and not (tmp_path / ".model.old").exists()

@@ -5,7 +5,10 @@ The files of one dataset folder DIR, each a manifest the trainer can read:
   score   DIR                -> DIR/scores.jsonl   (from clips.jsonl)
   filter  DIR                -> DIR/filtered.jsonl (from scores.jsonl) + DIR/filter_summary.json
   caption DIR --model PATH   -> DIR/manifest.jsonl (from filtered.jsonl)
-Each resumable stage keeps a ledger beside its output (``<name>.log.jsonl``).
+Each stage keeps a ledger beside its output (``<name>.log.jsonl``): resumable stages
+skip what it lists as done, and every stage writes only over an output whose ledger
+says it wrote it. ``split --out`` must be a new or empty folder, or a dataset folder
+split made (``dataset.json``). Anything else is refused before any work (exit 2).
 
 The main CLI adds these with ``add_data_parser(subparsers)``; ``main_data(argv)`` runs
 them standalone (``python -m easyanimate_rt.data.cli split ...``).
@@ -14,7 +17,6 @@ them standalone (``python -m easyanimate_rt.data.cli split ...``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,7 +25,6 @@ from typing import Sequence
 from easyanimate_rt.errors import EasyAnimateError, InputError
 
 CLIPS, SCORES, FILTERED, CAPTIONED = "clips.jsonl", "scores.jsonl", "filtered.jsonl", "manifest.jsonl"
-FILTER_SUMMARY = "filter_summary.json"
 
 
 def _stage_io(args: argparse.Namespace, default_in: str, default_out: str) -> tuple[Path, Path]:
@@ -76,13 +77,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from easyanimate_rt.data.filter import FilterConfig, filter_manifest
-    from easyanimate_rt.fileio import atomic_write_text
 
     src, dst = _stage_io(args, SCORES, FILTERED)
     config = FilterConfig(motion=args.motion, max_text=args.max_text, min_aesthetic=args.min_aesthetic,
                           duration=args.duration, min_side=args.min_side, on_missing=args.on_missing)
-    summary = filter_manifest(src, dst, config)
-    atomic_write_text(dst.with_name(FILTER_SUMMARY), json.dumps(summary.to_dict(), indent=2) + "\n")
+    summary = filter_manifest(src, dst, config)  # also writes DIR/filter_summary.json
     print(f"filter: kept {summary.kept} of {summary.total} clips ({summary.removed} removed) -> {dst}")
     for rule, count in summary.removed_by.items():
         print(f"  {rule:<24} removed {count}")

@@ -5,10 +5,14 @@ Defaults from the paper: keep 3 < motion < 8, drop text area > 0.02, drop aesthe
 missing (null) passes that rule by default (``on_missing="keep"``; the summary counts
 such clips) or fails it with ``on_missing="drop"``. A clip that breaks several rules is
 counted under each of them; ``removed`` is the number of distinct clips dropped.
+
+The output, the summary beside it and the output's ledger (one line per run) are
+written only over files filter wrote before (:func:`claim_filter_output`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Callable, Sequence
 
 from easyanimate_rt.errors import InputError
 from easyanimate_rt.data.manifest import ClipRecord
+from easyanimate_rt.fileio import atomic_write_text, check_writable_file
 
 
 @dataclass(frozen=True)
@@ -123,17 +128,58 @@ def filter_records(records: Sequence[ClipRecord], cfg: FilterConfig = FilterConf
     return kept, summary
 
 
+DEFAULT_OUTPUT = "filtered.jsonl"
+SUMMARY_NAME = "filter_summary.json"
+_SUMMARY_KEYS = {"total", "kept", "removed", "removed_by", "missing"}
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and _SUMMARY_KEYS <= set(data)
+
+
+def claim_filter_output(output: str | Path, source: str | Path | None = None) -> Path:
+    """Check, before any work, that filter may replace ``output`` and the summary beside
+    it: each new or written by filter (see ``parallel.claim_output``); an InputError
+    naming the file otherwise."""
+    from easyanimate_rt.data.parallel import claim_output, ledger_path
+
+    output = Path(output)
+    summary = output.with_name(SUMMARY_NAME)
+    if summary.exists() and not _is_summary(summary):
+        raise InputError(f"{summary} already exists and is not a filter summary written by easyanimate-rt; a "
+                         f"stage never overwrites a file it did not create: pass an output path in another "
+                         f"folder (--output), nothing was written")
+    if output.name == DEFAULT_OUTPUT and output.is_file() and not ledger_path(output).exists() and summary.exists():
+        # Written by filter before it kept a ledger: the summary beside it is filter's.
+        check_writable_file(output, "output")
+        if source is not None and output.resolve() == Path(source).resolve():
+            raise InputError(f"output {output} is the input manifest; pass a new output path (--output)")
+        return output
+    return claim_output(output, "filter", source)
+
+
 def filter_manifest(manifest: str | Path, output: str | Path, config: FilterConfig = FilterConfig()
                     ) -> FilterSummary:
-    """Filter ``manifest`` into ``output`` (written atomically) and return the summary."""
-    from easyanimate_rt.data.manifest import rebase_path, read_manifest, write_manifest
+    """Filter ``manifest`` into ``output`` (written atomically), write the summary beside
+    it (``filter_summary.json``) and return it. A ledger beside ``output`` records each
+    run, so a later run recognises ``output`` as filter's (:func:`claim_filter_output`)."""
+    from easyanimate_rt.data.manifest import append_jsonl, rebase_path, read_manifest, write_manifest
+    from easyanimate_rt.data.parallel import ledger_path, open_ledger
 
     manifest, output = Path(manifest), Path(output)
+    claim_filter_output(output, manifest)
     kept, summary = filter_records(read_manifest(manifest), config)
     out = []
     for record in kept:
         data = record.to_dict()
         data["path"] = rebase_path(record.path, manifest.parent, output.parent)
         out.append(data)
+    ledger = open_ledger(ledger_path(output), "filter")
     write_manifest(output, out)
+    atomic_write_text(output.with_name(SUMMARY_NAME), json.dumps(summary.to_dict(), indent=2) + "\n")
+    append_jsonl(ledger, [{"key": str(manifest), "status": "ok", "records": len(out)}])
     return summary

@@ -12,6 +12,13 @@ any instant loses nothing written and leaves no duplicates. Inputs that failed a
 recorded in the ledger as ``error`` (with the message) and retried by the next run.
 
 Only the calling process writes; workers only compute.
+
+Ownership. A stage writes only into an output it can recognise as its own: a ledger
+starts with a header line naming its stage (``{"kind": "easyanimate-rt data ledger",
+"stage": "score", ...}``), written before the first record, so an existing output
+without a ledger of ours beside it (or with a ledger of another stage) was not written
+by this stage and is refused before any work (:func:`claim_output`). Ledgers written
+before the header existed are recognised by their lines.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Protocol, Sequence
 
 from easyanimate_rt.errors import EasyAnimateError, InputError
 from easyanimate_rt.data.manifest import append_jsonl, append_records, manifest_paths
+from easyanimate_rt.fileio import atomic_write_text, check_writable_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,71 @@ def finished_keys(ledger: str | Path) -> set[str]:
     return keys
 
 
+LEDGER_KIND = "easyanimate-rt data ledger"
+_LEDGER_CHECK_BYTES = 1 << 20  # enough of a file to tell a ledger of ours from another file
+
+
+def ledger_stage(ledger: str | Path) -> str | None:
+    """The stage that keeps ``ledger``: the one its header names, ``""`` for a ledger
+    from before headers (lines of ``{"key", "status"}`` only), None when the file is not
+    a ledger this package wrote (or cannot be read). Reads the complete lines of the
+    first MiB only: a line torn by a kill, or cut there, is not judged."""
+    try:
+        with open(ledger, "rb") as f:
+            head = f.read(_LEDGER_CHECK_BYTES)
+        entries = [json.loads(line.decode("utf-8")) for line in head.split(b"\n")[:-1] if line.strip()]
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return None
+    if not entries:
+        return None
+    first = entries[0]
+    header = isinstance(first, dict) and first.get("kind") == LEDGER_KIND
+    lines = entries[1:] if header else entries
+    if not all(isinstance(e, dict) and "key" in e and e.get("status") in ("ok", "error") for e in lines):
+        return None
+    return str(first.get("stage", "")) if header else ""
+
+
+def claim_output(output: str | Path, stage: str, source: str | Path | None = None, option: str = "--output"
+                 ) -> Path:
+    """Check, before any work, that ``stage`` may write ``output``: it does not exist (nor
+    does a ledger beside it that is not ours), or it was written by this stage (its
+    ledger says so). Anything else is an InputError naming the file: a stage never
+    appends to, or replaces, a file it did not create. ``source``: the stage's input,
+    which must be another file; ``option``: the command-line option that names a new path."""
+    output = Path(output)
+    ledger = ledger_path(output)
+    check_writable_file(output, "output")
+    if source is not None and output.resolve() == Path(source).resolve():
+        raise InputError(f"output {output} is the input manifest; pass a new output path ({option})")
+    if not (output.exists() or ledger.exists()):
+        return output
+    owner = ledger_stage(ledger) if ledger.is_file() else None
+    if owner is None:
+        if not output.exists():
+            found, why = f"{ledger}, the ledger of output {output},", "it is not a ledger easyanimate-rt wrote"
+        elif ledger.exists():
+            found, why = f"output {output}", f"{ledger.name} beside it is not a ledger easyanimate-rt wrote"
+        else:
+            found, why = f"output {output}", f"there is no ledger {ledger.name} beside it"
+        raise InputError(f"{found} already exists and was not written by `easyanimate-rt data {stage}` ({why}); "
+                         f"a stage never overwrites a file it did not create: pass a new output path ({option}), "
+                         f"nothing was written")
+    if owner and owner != stage:
+        raise InputError(f"output {output} was written by `easyanimate-rt data {owner}`, not `data {stage}`; "
+                         f"pass a new output path ({option}), nothing was written")
+    return output
+
+
+def open_ledger(ledger: str | Path, stage: str) -> Path:
+    """Start a new ledger with its header line (before any record is written, so every
+    output of ours has a ledger); an existing one is left as it is."""
+    ledger = Path(ledger)
+    if not ledger.exists():
+        atomic_write_text(ledger, json.dumps({"kind": LEDGER_KIND, "format": 1, "stage": stage}) + "\n")
+    return ledger
+
+
 # Worker-process state: the task, set up once per process by the pool initializer.
 _WORKER_TASK: Task | None = None
 
@@ -115,7 +188,7 @@ def run_stage(task: Task, items: Sequence[tuple[str, Any]], manifest: str | Path
     """Run ``task`` on each ``(key, item)`` not yet finished; append results to ``manifest``."""
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}")
-    manifest = Path(manifest)
+    manifest = claim_output(manifest, task.name)
     ledger = ledger_path(manifest)
     report = StageReport(stage=task.name, total=len(items))
     done_keys = finished_keys(ledger)
@@ -124,6 +197,7 @@ def run_stage(task: Task, items: Sequence[tuple[str, Any]], manifest: str | Path
     if not todo:
         return report
     task.check()
+    open_ledger(ledger, task.name)
     written = manifest_paths(manifest)
 
     def commit(key: str, records: list[dict] | None, error: str | None) -> None:
@@ -205,6 +279,7 @@ def run_manifest_stage(make_task, manifest: str | Path, output: str | Path, *, w
     from easyanimate_rt.data.manifest import read_manifest
 
     manifest, output = Path(manifest), Path(output)
+    task = make_task(manifest.parent, output.parent)
+    claim_output(output, task.name, source=manifest)
     items = unique_items(read_manifest(manifest))
-    return run_stage(make_task(manifest.parent, output.parent), items, output, workers=workers,
-                     progress=progress)
+    return run_stage(task, items, output, workers=workers, progress=progress)

@@ -11,10 +11,17 @@
    remainder dropped.
 3. Each clip is cut with ffmpeg (``video.cut_clip``: a stream copy where that is exact,
    else a frame-exact re-encode) and written atomically.
+
+The output folder is a dataset folder of ours, marked by ``dataset.json``: split writes
+only into a folder that is new, empty or marked (or, for a dataset split before the
+marker existed, holds split's ledger ``clips.log.jsonl``), and refuses anything else
+before any work, so it never writes among, or over, the user's files.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -23,11 +30,17 @@ from typing import Sequence
 
 from easyanimate_rt.errors import InputError, MissingDependencyError
 from easyanimate_rt import media as vio
+from easyanimate_rt.fileio import atomic_write_text, claim_dir
 
 logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts")
 DEFAULT_CASCADE: tuple[tuple[float, int], ...] = ((10.0, 0), (20.0, 1), (30.0, 2))
+CLIPS_MANIFEST = "clips.jsonl"
+DATASET_MARKER = "dataset.json"
+DATASET_KIND = "easyanimate-rt dataset"
+#: The marker; for a dataset split before it existed, split's ledger.
+DATASET_MARKERS = (DATASET_MARKER, "clips.log.jsonl")
 
 
 @dataclass(frozen=True)
@@ -197,19 +210,51 @@ class SplitTask:
         return records
 
 
+def is_dataset_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a dataset folder split wrote: its ``dataset.json`` says so, or
+    (a dataset from before the marker) it holds a ledger of split's."""
+    from easyanimate_rt.data.parallel import ledger_path, ledger_stage
+
+    path = Path(path)
+    try:
+        info = json.loads((path / DATASET_MARKER).read_text(encoding="utf-8"))
+        if isinstance(info, dict) and info.get("kind") == DATASET_KIND:
+            return True
+    except (OSError, ValueError):
+        pass
+    return ledger_stage(ledger_path(path / CLIPS_MANIFEST)) in ("", "split")
+
+
+def claim_dataset_dir(path: str | Path, option: str = "--out") -> Path:
+    """An InputError, before any work, unless ``path`` is new, empty or a dataset folder
+    of ours (:func:`is_dataset_dir`)."""
+    return claim_dir(path, DATASET_MARKERS, "dataset folder", option, is_ours=is_dataset_dir)
+
+
 def split_videos(in_dir: str | Path, out_dir: str | Path, config: SplitConfig = SplitConfig(), *,
                  manifest: str | Path | None = None, workers: int = 1, progress: bool = False):
     """Split every video under ``in_dir`` into clips under ``out_dir/clips``.
 
     Records go to ``manifest`` (default ``out_dir/clips.jsonl``), with clip paths
-    relative to ``out_dir``. Resumable; see ``parallel``.
+    relative to ``out_dir``. Resumable; see ``parallel``. ``out_dir`` must be new, empty
+    or a dataset folder of ours (:func:`claim_dataset_dir`), else an InputError before
+    any work; it is marked with ``dataset.json``.
     """
-    from easyanimate_rt.data.parallel import run_stage
+    from easyanimate_rt.data.parallel import claim_output, run_stage
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    manifest = Path(manifest) if manifest is not None else out_dir / "clips.jsonl"
+    manifest = Path(manifest) if manifest is not None else out_dir / CLIPS_MANIFEST
     if manifest.resolve().parent != out_dir.resolve():
         raise InputError(f"the split manifest must sit in the output folder {out_dir}, got {manifest}")
+    # 0. before any work: the folder and the manifest in it must be new or ours
+    claim_dataset_dir(out_dir)
     sources = find_videos(in_dir)
+    task = SplitTask(in_dir, out_dir, config)
+    claim_output(manifest, task.name, option="--out")
+    if not (out_dir / DATASET_MARKER).exists():
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(out_dir / DATASET_MARKER, json.dumps(
+            {"format": 1, "kind": DATASET_KIND, "created_by": "data split", "source": str(in_dir.resolve()),
+             "created": created}, indent=2) + "\n")
     items = [(p.resolve().relative_to(in_dir.resolve()).as_posix(), p) for p in sources]
-    return run_stage(SplitTask(in_dir, out_dir, config), items, manifest, workers=workers, progress=progress)
+    return run_stage(task, items, manifest, workers=workers, progress=progress)

@@ -2,6 +2,11 @@
 
 Multi-process: launch under ``torchrun --nproc-per-node N -m easyanimate_rt train ...``
 (DDP; gloo on CPU, NCCL on GPU; ``--fsdp`` for release sizes).
+
+Before any work each command checks ``--run`` (new, empty, or a run folder of ours,
+marked by ``run.json``) and ``--out`` (new, empty, or a model directory of ours, which
+the new model replaces whole), and that neither lies inside the other; anything else is
+an InputError (exit 2) and nothing is written.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ def _interrupted(exc: TrainingInterrupted) -> int:
     return 130
 
 
-def _train_and_save(train, model, out: str) -> int:
-    """Run ``train()`` (which updates ``model``), then write the model directory."""
+def _train_and_save(train, model, out: str, env) -> int:
+    """Run ``train()`` (which updates ``model``), then write the model directory (once:
+    on the main rank)."""
     from ..reference.weights import save_model
 
     try:
         train()
     except TrainingInterrupted as exc:
         return _interrupted(exc)
-    save_model(model, out)
-    print(f"model written to {out}")
+    if env.is_main:
+        save_model(model, out)
+        print(f"model written to {out}")
     return 0
 
 
@@ -34,6 +41,7 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
 
     recipe = ShapesRecipe(scale=args.scale, seed=args.seed)
     try:
+        # train_shapes checks --run and --out before it does anything else.
         out = train_shapes(args.out, args.run, recipe, resume=not args.no_resume,
                            phases=tuple(args.phases.split(",")))
     except TrainingInterrupted as exc:
@@ -43,6 +51,10 @@ def cmd_train_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
+    from .common import claim_run_and_model, init_distributed, start_run
+
+    # Before any work: --out is only written when training ends, possibly hours from now.
+    claim_run_and_model(args.run, args.out)
     from ..reference.weights import load_model_or_preset
     from .datasets import ManifestDataset
     from .vae_trainer import VAETrainConfig, train_vae
@@ -54,43 +66,59 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     cfg = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, decoder_only=args.decoder_only,
                          gan_start=args.gan_start, lpips_path=args.lpips, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, bf16=args.bf16)
-    def train() -> None:
-        model.vae = train_vae(model.vae, stills, clips, cfg, args.run, resume=not args.no_resume)
+    env = init_distributed()
+    start_run(args.run, env, "train vae")
 
-    return _train_and_save(train, model, args.out)
+    def train() -> None:
+        model.vae = train_vae(model.vae, stills, clips, cfg, args.run, env=env, resume=not args.no_resume)
+
+    return _train_and_save(train, model, args.out, env)
 
 
 def cmd_train_dit(args: argparse.Namespace) -> int:
+    from .common import claim_run_and_model, init_distributed, start_run
+
+    # Before any work: --out is only written when training ends, possibly hours from now.
+    claim_run_and_model(args.run, args.out)
     from ..reference.weights import load_model_or_preset, load_pixart_backbone
     from .datasets import ManifestDataset
     from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
 
+    f, s, lr, b = args.frames, args.size, args.lr, args.batch_size
+    for option in ("image_steps", "lowres_steps", "video_steps"):
+        if getattr(args, option) < 0:
+            raise InputError(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
+    stages = []  # a stage given 0 steps is left out
+    if args.image_steps:
+        stages.append(DiTStage("1-images", args.image_steps, s, s, frames=1, lr=lr, batch_size=b))
+    if args.lowres_steps:
+        stages.append(DiTStage("2-video-lowres", args.lowres_steps, s // 2, s // 2, frames=f, image_fraction=0.1,
+                               train="motion" if args.motion_only else "all", lr=lr, batch_size=b))
+    if args.video_steps:
+        stages.append(DiTStage("3-video", args.video_steps, s, s, frames=f, image_fraction=0.1, lr=lr,
+                               batch_size=b))
+    if not stages:
+        raise InputError("at least one of --image-steps, --lowres-steps, --video-steps must be > 0")
+    cfg = DiTTrainConfig(stages=tuple(stages), seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         bf16=args.bf16, gradient_checkpointing=args.grad_checkpointing, fsdp=args.fsdp,
+                         cache_size=args.cache_size)
     model = load_model_or_preset(args.model)
     if args.pixart:
         load_pixart_backbone(model.dit, args.pixart)
-    f, s, lr, b = args.frames, args.size, args.lr, args.batch_size
-    stages = (
-        DiTStage("1-images", args.image_steps, s, s, frames=1, lr=lr, batch_size=b),
-        DiTStage("2-video-lowres", args.lowres_steps, s // 2, s // 2, frames=f, image_fraction=0.1,
-                 train="motion" if args.motion_only else "all", lr=lr, batch_size=b),
-        DiTStage("3-video", args.video_steps, s, s, frames=f, image_fraction=0.1, lr=lr, batch_size=b),
-    )
-    stages = tuple(st for st in stages if st.steps > 0)
-    if not stages:
-        raise InputError("at least one of --image-steps, --lowres-steps, --video-steps must be > 0")
-    cfg = DiTTrainConfig(stages=stages, seed=args.seed, checkpoint_every=args.checkpoint_every, bf16=args.bf16,
-                         gradient_checkpointing=args.grad_checkpointing, fsdp=args.fsdp,
-                         cache_size=args.cache_size)
 
     def sources(stage: DiTStage):
         return (ManifestDataset(args.manifest, 1, stage.height, stage.width),
                 ManifestDataset(args.manifest, stage.frames, stage.height, stage.width))
 
+    sources(stages[0])  # a bad manifest fails here, before the run folder is made
+    env = init_distributed()
+    start_run(args.run, env, "train dit")
+
     def train() -> None:
-        model.dit = train_dit(model.dit, model.vae, model.text_encoder, sources, cfg, args.run,
+        model.dit = train_dit(model.dit, model.vae, model.text_encoder, sources, cfg, args.run, env=env,
                               resume=not args.no_resume)
 
-    return _train_and_save(train, model, args.out)
+    return _train_and_save(train, model, args.out, env)
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -98,8 +126,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="train_command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run", required=True, help="run folder: checkpoints, metrics.csv, caches")
-    common.add_argument("--out", required=True, help="model directory to write at the end")
+    common.add_argument("--run", required=True,
+                        help="run folder: checkpoints, metrics.csv, caches (new, empty, or a run of ours to resume)")
+    common.add_argument("--out", required=True,
+                        help="model directory to write at the end (new, empty, or a model of ours to replace)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --run")
 

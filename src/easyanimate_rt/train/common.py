@@ -8,6 +8,11 @@ renamed, then ``latest`` is replaced atomically)::
                                   state.pt  (optimizer, scheduler, RNG, step, extras)
     RUN/checkpoints/latest        text file naming the newest complete folder
     RUN/metrics.csv               one row per logged step
+    RUN/run.json                  the marker that makes RUN recognisably a run folder
+
+A command trains only into a run folder it can recognise as its own (new, empty, or
+marked) and only writes a model directory over one of ours: checkpoints are pruned and
+the model directory is replaced whole, so a folder of the user's must never be either.
 
 Resuming restores every piece of state; together with data and noise that are pure
 functions of (seed, step, rank), a run interrupted at step k and resumed reaches the
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
+import json
 import logging
 import os
 import shutil
@@ -30,8 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import TrainingInterrupted
-from ..fileio import atomic_path, atomic_write_text, staged_dir
+from ..errors import InputError, TrainingInterrupted
+from ..fileio import atomic_path, atomic_write_text, claim_dir, staged_dir
+from ..reference.config import CONFIG_NAME, is_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +225,75 @@ def resume_from(run_dir: str | Path, resume: bool, module: nn.Module, optimizer:
         ema.load_state_dict(ema_state)
     log.info("resumed %s training from %s (step %d)", type(module).__name__, ckpt, state["step"])
     return int(state["step"]), state
+
+
+# --- the run folder and the model directory ----------------------------------------------
+
+RUN_MARKER = "run.json"
+RUN_KIND = "easyanimate-rt training run"
+#: Files that mark a run folder of ours: the marker; for runs made before it existed, the
+#: checkpoint pointer of `train vae|dit` and of the first phase of `train shapes`.
+RUN_MARKERS = (RUN_MARKER, "checkpoints/latest", "vae/checkpoints/latest")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    try:
+        return latest_checkpoint(run_dir) is not None
+    except (OSError, ValueError):  # a `latest` that is a folder, binary, ...: not our pointer
+        return False
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder this package wrote: its ``run.json`` says so, or
+    (a run from before the marker) it holds a checkpoint that resumes."""
+    path = Path(path)
+    try:
+        info = json.loads((path / RUN_MARKER).read_text())
+        if isinstance(info, dict) and info.get("kind") == RUN_KIND:
+            return True
+    except (OSError, ValueError):
+        pass
+    return _has_checkpoint(path) or _has_checkpoint(path / "vae")
+
+
+def claim_run_dir(path: str | Path, option: str = "--run") -> Path:
+    """An InputError, before any work, unless ``path`` is new, empty or a run folder of
+    ours (:func:`is_run_dir`): training prunes ``checkpoints/step-*`` and appends to
+    ``metrics.csv`` there."""
+    return claim_dir(path, RUN_MARKERS, "training run folder", option, is_ours=is_run_dir)
+
+
+def claim_model_dir(path: str | Path, option: str = "--out") -> Path:
+    """An InputError, before any work, unless ``path`` is new, empty or a model directory
+    of ours (its ``easyanimate_rt.json`` parses as a model config): writing a model
+    replaces the directory whole."""
+    return claim_dir(path, (CONFIG_NAME,), "model directory", option, is_ours=is_model_dir)
+
+
+def claim_run_and_model(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """Check both folders of a training command before it does any work (the model
+    directory is written at the end, possibly hours later): each new, empty or ours, and
+    neither inside the other, since writing the model replaces ``out_dir`` whole."""
+    run, out = claim_run_dir(run_dir), claim_model_dir(out_dir)
+    r, o = run.resolve(), out.resolve()
+    if r == o or r in o.parents or o in r.parents:
+        raise InputError(f"--run {run} and --out {out} must be two separate folders, neither inside the other: "
+                         f"the model directory --out is replaced whole when training ends, the run folder --run "
+                         f"keeps the checkpoints to resume from; nothing was written")
+    return run, out
+
+
+def start_run(run_dir: str | Path, env: DistEnv, command: str) -> Path:
+    """Claim ``run_dir`` (:func:`claim_run_dir`) and, on the main rank, mark it with
+    ``run.json`` (once: a resumed run keeps its marker)."""
+    run_dir = claim_run_dir(run_dir)
+    if env.distributed:
+        dist.barrier()  # every rank has checked the folder before any rank writes to it
+    if env.is_main and not (run_dir / RUN_MARKER).exists():
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(run_dir / RUN_MARKER, json.dumps(
+            {"format": 1, "kind": RUN_KIND, "command": command, "created": created}, indent=2) + "\n")
+    return run_dir
 
 
 # --- metrics --------------------------------------------------------------------------------

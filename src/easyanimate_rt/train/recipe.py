@@ -8,7 +8,8 @@
 5. the model directory (EMA DiT weights), written atomically.
 
 Each phase keeps its own checkpoints under RUN/, so an interrupted recipe resumes where
-it stopped (``--resume``) and finished phases are not redone.
+it stopped (``--resume``) and finished phases are not redone. RUN and OUT are checked
+before any work: each new, empty or written by this package (``common.claim_run_and_model``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_write_text
 from ..reference.config import ModelConfig, from_preset
 from ..reference.dit import VideoDiT
 from ..reference.text import TextEncoder, load_tokenizer, train_tokenizer
 from ..reference.vae import SliceVAE
 from ..reference.weights import EasyAnimateModel, save_model
-from .common import DistEnv, init_distributed
+from .common import DistEnv, claim_run_and_model, init_distributed, start_run
 from .dit_trainer import DiTStage, DiTTrainConfig, train_dit
 from .vae_trainer import VAETrainConfig, train_vae
 
@@ -72,8 +74,11 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
     from ..shapes.world import caption_corpus
     from .datasets import shapes_sources
 
+    # Before any work: the run folder and the model directory must each be new, empty or
+    # ours (the model replaces out_dir whole, possibly hours from now).
+    run_dir, out_dir = claim_run_and_model(run_dir, out_dir)
     env = env or init_distributed()
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    start_run(run_dir, env, "train shapes")
     run_dir.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = from_preset(recipe.preset)
     times: dict[str, float] = {}
@@ -144,7 +149,7 @@ def train_shapes(out_dir: str | Path, run_dir: str | Path, recipe: ShapesRecipe 
     model = EasyAnimateModel(config, text, vae.cpu().float(), dit.cpu().float())
     if env.is_main:
         save_model(model, out_dir)
-        (run_dir / "recipe.json").write_text(json.dumps(
+        atomic_write_text(run_dir / "recipe.json", json.dumps(
             {"recipe": dataclasses.asdict(recipe), "seconds": times, "threads": torch.get_num_threads(),
              "device": str(env.device)}, indent=2))
     return out_dir
