@@ -79,6 +79,10 @@ CASES = [
     (["--cache", "fbcache", "--cache-threshold", "-0.5"], "step cache threshold must be a finite number >= 0, got -0.5"),
     (["--cache-threshold", "0.1"], "--cache-threshold 0.1 needs a policy: --cache fbcache or teacache"),
     (["--cache", "teacache", "--backend", "reference"], "step caching runs on the runtime, not on --backend reference"),
+    (["--backend", "dit=ort,dit=torch"], "network 'dit' is named twice"),
+    (["--model", "tiny", "--height", "16", "--width", "16", "--frames", "1"],
+     "16x16 is one DiT token per frame, too small for this model's motion module"),
+    (["--sampler", "ddim", "--steps", "1000"], "use at most 999 steps"),
 ]
 
 
@@ -144,8 +148,11 @@ def test_unexpected_errors_are_one_line_with_a_hint(monkeypatch, capsys, out):
 
 def interrupt_when(args, marker: str, tmp_path, out, delay: float = 0.0):
     """Start the CLI, send SIGINT once ``marker`` shows on stderr (after ``delay``)."""
+    # SIGINT's default disposition in the child: started from a background shell (which
+    # ignores SIGINT, and children inherit that), Python would install no Ctrl-C handler.
     proc = subprocess.Popen([sys.executable, "-m", "easyanimate_rt", *map(str, args)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = threading.Event()
     lines: list[str] = []
 

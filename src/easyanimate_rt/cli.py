@@ -139,7 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = read_config(model)  # torch-free; None for an upstream release directory
     if config is not None:  # refuse a bad request before any model or engine loads
         from .reference.request import default_request
-        from .runtime.budget import check_budget
+        from .engines.budget import check_budget
 
         req = default_request(config, args.prompt, **kwargs)
         req.validate(config)
@@ -226,21 +226,48 @@ def cmd_cache_fit(args: argparse.Namespace) -> int:
             raise InputError(f"--prompts-file {args.prompts_file} holds no prompts")
     if args.degree < 1:
         raise InputError(f"--degree must be >= 1, got {args.degree}")
+    if not Path(model).is_dir():
+        from .reference.config import preset_name
+
+        preset_name(model)  # neither a directory nor a preset: the error says so and lists the presets
     out = Path(args.out) if args.out else (Path(model) / RESCALE_NAME if Path(model).is_dir() else None)
     if out is None:
         raise InputError(f"{model!r} is a preset, not a model directory: give --out for the fitted file")
+    _check_rescale_target(out, "--out" if args.out else "the model directory")  # before minutes of fitting
     pipe = Pipeline.from_pretrained(model, cache=CacheSettings("teacache", 0.0), threads=args.threads)
     coeffs, pairs = calibrate(pipe, prompts, args.steps, args.degree)
     import numpy as np
 
     x, y = np.asarray(pairs).T
     fit_err = float(np.abs(np.polyval(coeffs, x) - y).mean() / max(y.mean(), 1e-12))
-    save_rescale(out, coeffs, {"model": pipe.config.name, "prompts": len(prompts), "pairs": len(pairs),
-                               "steps": args.steps or pipe.config.sampling.steps, "degree": args.degree,
-                               "mean_relative_fit_error": fit_err})
+    try:
+        save_rescale(out, coeffs, {"model": pipe.config.name, "prompts": len(prompts), "pairs": len(pairs),
+                                   "steps": args.steps or pipe.config.sampling.steps, "degree": args.degree,
+                                   "mean_relative_fit_error": fit_err})
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     print(f"wrote {out}: TeaCache rescale {[round(c, 5) for c in coeffs]} from {len(pairs)} step pairs "
           f"({len(prompts)} prompts; mean relative fit error {fit_err:.1%})")
     return 0
+
+
+def _check_rescale_target(out: Path, option: str) -> None:
+    """``out`` can be written, and replacing it loses nothing: it is absent or a
+    step-cache file (one this command wrote); anything else is refused."""
+    import json
+
+    from .fileio import check_writable_file
+
+    check_writable_file(out, option)
+    if out.exists():
+        try:
+            data = json.loads(out.read_text())
+            ours = isinstance(data, dict) and "teacache_rescale" in data
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise InputError(f"{option}: {out} exists and is not a step-cache file written by cache-fit; "
+                             f"give another path (nothing was written)")
 
 
 def _reference_to_file(pipe, req, out: str, on_step) -> dict:

@@ -291,7 +291,8 @@ def test_cli_build_ls_verify(export_dir, tmp_path, capsys):
     plan.write_bytes(plan.read_bytes()[:100])
     assert main(["engines", "verify", str(tmp_path / "e")]) == 1
     assert "BAD" in capsys.readouterr().out
-    assert main(["engines", "clean", "--cache-dir", str(cache)]) == 0 and not list(cache.glob("*"))
+    assert main(["engines", "clean", "--cache-dir", str(cache), "--yes"]) == 0
+    assert [p.name for p in cache.iterdir()] == ["CACHEDIR.TAG"]  # the mark stays with the (empty) cache
     assert (tmp_path / "e" / INDEX_NAME).is_file()
 
 

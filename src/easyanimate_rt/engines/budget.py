@@ -9,7 +9,8 @@ matrix that ONNX Runtime CPU materialises: per-frame spatial attention F x S^2, 
 attention (V3's hybrid blocks) (F S)^2, temporal attention S x F^2, all per head), and
 one decoder slice. It is there to stop a 2048 x 2048 x 1440 typo from swapping the
 machine for an hour, not to predict the allocator; a request within 2x of the limit
-still runs.
+still runs. It applies to builds too (``build``, ``serve --buckets``, compile on first
+use): a bucket that cannot run on this machine is refused before any export.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from ..reference.request import GenerationRequest
 FLOAT = 4
 
 
+def _tokens(config: ModelConfig, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    s, p = config.vae.spatial_compression, config.dit.patch_size
+    latent = config.vae.latent_frames(frames)
+    spatial = (height // s // p) * (width // s // p)
+    return latent, spatial, latent * spatial
+
+
 def dit_tokens(config: ModelConfig, req: GenerationRequest) -> tuple[int, int, int]:
     """(latent frames, spatial tokens per frame, total tokens) of the DiT at ``req``."""
-    s, p = config.vae.spatial_compression, config.dit.patch_size
-    frames = config.vae.latent_frames(req.frames)
-    spatial = (req.height // s // p) * (req.width // s // p)
-    return frames, spatial, frames * spatial
+    return _tokens(config, req.height, req.width, req.frames)
 
 
 def parameter_count(config: ModelConfig) -> int:
@@ -42,20 +47,42 @@ def parameter_count(config: ModelConfig) -> int:
     return d.num_layers * per_block + text  # DiT + T5; the VAE is small beside them
 
 
-def peak_bytes(config: ModelConfig, req: GenerationRequest, prompts: int = 1) -> int:
-    """Estimated peak of ``req``, with ``prompts`` such requests generated as one batch."""
+def shape_peak_bytes(config: ModelConfig, height: int, width: int, frames: int, batch: int) -> int:
+    """Estimated peak of one generation at this size with DiT batch ``batch``."""
     d = config.dit
-    batch = (2 if req.guidance_mode == "batched" and req.guidance_scale != 1.0 else 1) * prompts
-    frames, spatial, tokens = dit_tokens(config, req)
+    latent, spatial, tokens = _tokens(config, height, width, frames)
     hidden = d.num_attention_heads * d.attention_head_dim
     stream = batch * tokens * hidden * (6 + 2 * d.mlp_ratio)
-    scores = batch * d.num_attention_heads * frames * spatial * spatial
+    scores = batch * d.num_attention_heads * latent * spatial * spatial
     if d.hybrid_global_attention:
         scores = max(scores, batch * d.num_attention_heads * tokens * tokens)
     if d.motion_module:
-        scores = max(scores, batch * d.temporal_num_heads * spatial * frames * frames)
-    decode = 3 * 128 * 8 * req.height * req.width * 4  # one slice: 128 channels, ~8 frames, a few buffers
+        scores = max(scores, batch * d.temporal_num_heads * spatial * latent * latent)
+    decode = 3 * 128 * 8 * height * width * 4  # one slice: 128 channels, ~8 frames, a few buffers
     return (parameter_count(config) + stream + scores + decode) * FLOAT
+
+
+def peak_bytes(config: ModelConfig, req: GenerationRequest, prompts: int = 1) -> int:
+    """Estimated peak of ``req``, with ``prompts`` such requests generated as one batch."""
+    batch = (2 if req.guidance_mode == "batched" and req.guidance_scale != 1.0 else 1) * prompts
+    return shape_peak_bytes(config, req.height, req.width, req.frames, batch)
+
+
+def check_bucket_budget(config: ModelConfig, height: int, width: int, frames: int, prompts: int = 1,
+                        guidance: str = "batched", memory_bytes: int | None = None) -> None:
+    """An InputError naming the estimate when engines for this bucket (``prompts`` per
+    batch, ``guidance`` batched: DiT batch 2 per prompt) could not run on this machine;
+    raised before any export or build."""
+    limit = memory_bytes if memory_bytes is not None else available_bytes()
+    if limit is None:
+        return
+    need = shape_peak_bytes(config, height, width, frames, (2 if guidance == "batched" else 1) * prompts)
+    if need > 2 * limit:
+        _, _, tokens = _tokens(config, height, width, frames)
+        name = f"{height}x{width}x{frames}" + (f"b{prompts}" if prompts > 1 else "")
+        raise InputError(f"bucket {name} would need about {need / 2**30:,.1f} GiB at its peak ({tokens:,} DiT "
+                         f"tokens), but {limit / 2**30:,.1f} GiB are available; no engines were exported or built "
+                         f"for it: ask for fewer frames or a smaller size")
 
 
 def available_bytes() -> int | None:

@@ -30,13 +30,14 @@ from ..errors import EngineError, ExportError, InputError
 from ..export.index import INDEX_NAME as EXPORT_INDEX
 from ..export.index import ExportIndex, load_export
 from ..export.spec import CACHE_NETWORK, INPUTS_NAME, NETWORKS, DimSpec, ExportSpec, Profile
-from ..fileio import sha256_files, staged_dir
+from ..fileio import claim_dir, mark_dir, sha256_files, staged_dir
 from ..reference.config import ModelConfig
 from ..tolerances import TOLERANCES, error_stats, within
 from . import onnxruntime as ortb
+from .budget import check_bucket_budget
 from .buckets import Bucket, bucket_shapes, graphs_needed, profiles_for
 from .cache import EngineCache, cache_key
-from .manifest import BACKENDS, Manifest, cpu_name, digest, onnx_files, write_index
+from .manifest import BACKENDS, INDEX_NAME, Manifest, cpu_name, digest, onnx_files, write_index
 
 #: What a build may export from a model: every network and the DiT's step-caching split.
 EXPORT_NETWORKS = NETWORKS + (CACHE_NETWORK,)
@@ -261,11 +262,12 @@ def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[Model
     ``out``; graphs an earlier export of the same model (by fingerprint) left there are
     reused. With two or more cores the DiT, the slowest graph, is traced in a second
     process while this one traces the rest."""
+    from ..export.index import check_graph
     from ..export.index import read_index as read_export_index
     from ..export.index import write_index as write_export_index
     from ..export.onnx import _versions as export_versions
     from ..export.onnx import export_graph
-    from ..export.spec import MODEL_NAME, make_specs
+    from ..export.spec import make_specs
     from ..reference.config import model_fingerprint
     from ..reference.weights import load_model_or_preset
 
@@ -274,9 +276,21 @@ def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[Model
     keys = keys_of(model.config)
     have: set[str] = set()
     if (out / EXPORT_INDEX).is_file():
-        old = read_export_index(out)
+        try:
+            old = read_export_index(out)
+        except ExportError as exc:
+            log.warning("%s; exporting again", exc)
+            old = {}
         if old.get("source_sha256") == fingerprint and old.get("precision") == precision:
-            have = {k for k in old.get("graphs", []) if (out / k / MODEL_NAME).is_file()}
+            for k in set(old.get("graphs", [])) & set(keys):
+                try:
+                    check_graph(out, k)  # a damaged graph is exported again, never built from
+                    have.add(k)
+                except ExportError as exc:
+                    log.warning("%s: exporting %s again", exc, k)
+                    if progress:
+                        progress(f"{k}: the exported graph is damaged, exporting it again")
+    mark_dir(out, "export directory")
     specs = [s for s in make_specs(model.config, precision, EXPORT_NETWORKS) if s.key in keys and s.key not in have]
     if progress and have & set(keys):
         progress(f"reusing the export of {', '.join(sorted(have & set(keys)))}")
@@ -343,7 +357,8 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not buckets:
         raise InputError("at least one bucket is needed (--buckets HxWxF,...)")
-    out_dir = Path(out_dir)
+    out_dir = claim_dir(out_dir, (INDEX_NAME,), "engine directory")  # never into a folder of the user's
+    export_out = Path(export_dir) if export_dir else out_dir / "export"
     cache = cache or EngineCache()
     target = _target(backend, compute_capability)  # a missing GPU or library fails here, before any work
     versions = _versions(backend)
@@ -352,16 +367,28 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
     def needed(config: ModelConfig) -> list[str]:
         return graphs_needed([bucket_shapes(config, b, guidance, encoders, step_cache) for b in buckets])
 
+    def check(config: ModelConfig) -> None:
+        """Impossible buckets, and buckets this machine cannot run, before any work."""
+        needed(config)
+        if runs_here(backend) and target.get("kind") == "cpu":  # the engines run in this machine's memory
+            for b in buckets:
+                check_bucket_budget(config, b.height, b.width, b.frames, b.prompts, guidance)
+
     if (source_path / EXPORT_INDEX).is_file():
         index = load_export(source_path)
+        check(ModelConfig.from_dict(index.config))
     else:
-        from ..reference.config import from_preset
+        from ..reference.config import from_preset, read_model_config
         from ..reference.weights import preset_name
 
-        if not source_path.is_dir():
-            needed(from_preset(preset_name(source)))  # refuse impossible buckets before loading anything
-        index = _export_for(str(source), Path(export_dir) if export_dir else out_dir / "export", precision, needed,
-                            seed, progress, model)
+        early = model.config if model is not None else (
+            read_model_config(source_path) if source_path.is_dir() else from_preset(preset_name(source)))
+        if early is not None:  # (an upstream release directory's config needs the loader)
+            check(early)
+        claim_dir(export_out, (EXPORT_INDEX,), "export directory", option="the export folder")
+        index = _export_for(str(source), export_out, precision, needed, seed, progress, model)
+        if early is None:
+            check(ModelConfig.from_dict(index.config))
     config = ModelConfig.from_dict(index.config)
     shapes = [bucket_shapes(config, b, guidance, encoders, step_cache) for b in buckets]
     keys = graphs_needed(shapes)
@@ -369,6 +396,8 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
     if missing:
         raise EngineError(f"{index.root} lacks the graphs {missing} the buckets need; export them with "
                           f"`easyanimate-rt export {index.source or 'MODEL'} --out {index.root}`")
+    for key in keys:
+        index.check(key)  # every graph whole (hash, size, inputs) before anything is built from it
     if model is None and runs_here(backend) and not index.source:
         raise EngineError(f"{index.root} does not record its source model, which the parity gate needs")
     loaded: list = [model]
@@ -411,7 +440,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
 def _install(out_dir: Path, results: Sequence[NetworkBuild], index: ExportIndex, backend: str,
              buckets: Sequence[Bucket], guidance: str, ranged: bool, info: dict[str, Any]) -> None:
     """Copy the cache entries into ``out_dir`` (hard links where the filesystem allows)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_dir(out_dir, "engine directory")
 
     def link(src: str, dst: str) -> None:
         try:

@@ -76,6 +76,10 @@ def add_build_parser(subparsers) -> None:
         q = esub.add_parser(name, help=what)
         if name != "clean":
             q.add_argument("engine_dir", nargs="?", type=Path, help="engine directory (default: the cache)")
+        else:
+            q.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+            q.add_argument("-y", "--yes", action="store_true", help="remove without asking (needed where "
+                                                                   "there is no terminal to ask on)")
         q.add_argument("--cache-dir", type=Path, help="engine cache (default: ~/.cache/easyanimate-rt/engines)")
         q.set_defaults(func=func)
 
@@ -148,22 +152,57 @@ def cmd_engines_ls(args) -> int:
 
 
 def cmd_engines_verify(args) -> int:
+    """0: every artefact is the one its manifest recorded; 1: some are not (listed);
+    2 (an EngineError naming the file): a manifest itself cannot be read."""
     from .manifest import Manifest
 
-    bad = 0
+    bad, unreadable = 0, []
     for name, path in _dirs(args):
         try:
-            Manifest.load(path).check_artifact(path)
+            manifest = Manifest.load(path)
+        except EngineError as exc:
+            unreadable.append(str(exc))
+            print(f"{name:22s} UNREADABLE: {exc}")
+            continue
+        try:
+            manifest.check_artifact(path)
             print(f"{name:22s} ok")
         except EngineError as exc:
             bad += 1
             print(f"{name:22s} BAD: {exc}")
+    if unreadable:
+        raise EngineError(f"{len(unreadable)} manifest(s) cannot be read: {unreadable[0]}")
     return 1 if bad else 0
 
 
 def cmd_engines_clean(args) -> int:
+    """Remove the cache's own items after showing them: asked on a terminal, else only
+    with --yes; a folder that is not a marked engine cache is refused (cache.py)."""
+    import sys
+
     from .cache import EngineCache
 
     cache = EngineCache(args.cache_dir)
-    print(f"removed {cache.clean()} cache entries from {cache.root}")
+    plan = cache.plan_clean()
+    if not plan.remove:
+        print(f"nothing to remove in {cache.root}")
+        return 0
+    verb = "would remove" if args.dry_run else "will remove"
+    print(f"{verb} {len(plan.remove)} cache items ({_mb(plan.bytes)}) from {cache.root}:")
+    for path in plan.remove:
+        print(f"  {path.name}")
+    if plan.foreign:
+        print(f"leaving {len(plan.foreign)} items that are not the cache's: "
+              f"{', '.join(p.name for p in plan.foreign[:5])}{' ...' if len(plan.foreign) > 5 else ''}")
+    if args.dry_run:
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InputError("engines clean asks before removing anything and there is no terminal to ask on: "
+                             "pass --yes to remove the items listed above (or --dry-run to only list them)")
+        if input("remove them? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing removed")
+            return 0
+    cache.clean(plan)
+    print(f"removed {len(plan.remove)} cache items ({_mb(plan.bytes)}) from {cache.root}")
     return 0

@@ -48,6 +48,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_NUMBER = (int, float)
+#: The manifest's fields and their JSON types, checked on every read.
+_TYPES: dict[str, Any] = {
+    "key": str, "backend": str, "precision": str, "onnx_sha256": str, "spec_sha256": str, "buckets": dict,
+    "profiles": list, "flags": dict, "versions": dict, "target": dict, "artifact": dict,
+    "build_seconds": _NUMBER, "parity": dict, "device_memory": list, "cache_key": str,
+}
+_REQUIRED = ("key", "backend", "precision", "onnx_sha256", "spec_sha256", "buckets", "profiles", "flags",
+             "versions", "target", "artifact", "build_seconds")
+
+
 @dataclass
 class Manifest:
     """The record of one built network."""
@@ -73,8 +84,22 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Manifest":
+        """The manifest ``d`` holds, its structure checked (an EngineError naming the
+        field: a hand-edited or foreign file never reaches the loader)."""
+        if not isinstance(d, Mapping):
+            raise EngineError(f"an engine manifest is a JSON object, got a {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise EngineError(f"unsupported engine manifest format {d.get('format')!r} (this version reads {FORMAT})")
+        for name, kind in _TYPES.items():
+            if (name in d and not isinstance(d[name], kind)) or (name in _REQUIRED and name not in d):
+                want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise EngineError(f"field {name!r} must be a {want}, got {d.get(name)!r:.60}")
+        artifact = d["artifact"]
+        if not (isinstance(artifact.get("file"), str) and Path(artifact["file"]).name == artifact["file"]
+                and isinstance(artifact.get("bytes"), int) and isinstance(artifact.get("sha256"), str)):
+            raise EngineError(f"field 'artifact' must hold a file name, bytes and sha256, got {artifact!r:.80}")
+        if not all(isinstance(v, int) for v in d["buckets"].values()):
+            raise EngineError(f"field 'buckets' must map bucket names to profile indices, got {d['buckets']!r:.80}")
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def save(self, directory: Path) -> None:
@@ -84,11 +109,18 @@ class Manifest:
     def load(cls, directory: str | Path) -> "Manifest":
         path = Path(directory) / MANIFEST_NAME
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise EngineError(f"{Path(directory)} is not an engine directory (no {MANIFEST_NAME})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError, a folder in its place
             raise EngineError(f"{path} is corrupt: {exc}; rebuild with `easyanimate-rt build`") from None
+        try:
+            return cls.from_dict(data)
+        except EngineError as exc:
+            raise EngineError(f"{path}: {exc}; rebuild with `easyanimate-rt build`") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineError(f"{path} is not a valid engine manifest ({type(exc).__name__}: {exc}); rebuild "
+                              f"with `easyanimate-rt build`") from None
 
     # -- checks -------------------------------------------------------------------------
 
@@ -137,13 +169,23 @@ def write_index(root: Path, entries: Mapping[str, Mapping[str, Any]], **info: An
 
 
 def read_index(root: str | Path) -> dict[str, Any]:
+    """``engines.json`` of ``root``, its structure checked; an EngineError naming the file."""
     path = Path(root) / INDEX_NAME
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise EngineError(f"{Path(root)} is not an engine directory (no {INDEX_NAME})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise EngineError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(data, dict):
+        raise EngineError(f"{path} holds a JSON {type(data).__name__}, not an engine index; rebuild with "
+                          f"`easyanimate-rt build`")
     if data.get("format") != FORMAT:
         raise EngineError(f"{path}: unsupported format {data.get('format')!r}")
+    networks = data.get("networks")
+    if not isinstance(networks, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("dir"), str) and v["dir"] and ".." not in Path(v["dir"]).parts
+            and not Path(v["dir"]).is_absolute() for v in networks.values()):
+        raise EngineError(f"{path}: field 'networks' must map each network to its folder, got {networks!r:.80}; "
+                          f"rebuild with `easyanimate-rt build`")
     return data

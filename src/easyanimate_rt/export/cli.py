@@ -55,7 +55,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .passes import format_counts
     from .spec import make_specs
 
+    from ..fileio import claim_dir
+    from .index import INDEX_NAME
+
     t0 = time.perf_counter()
+    claim_dir(args.out, (INDEX_NAME,), "export directory")  # before the model loads
     model = load_model_for_export(args.model, args.seed)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     total = len(make_specs(model.config, args.precision, args.networks))

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from ..errors import ExportError, MissingDependencyError
-from ..fileio import sha256_files, staged_dir
+from ..fileio import claim_dir, mark_dir, sha256_files, staged_dir
 from .graphs import graph_module, translation_table
-from .index import ExportIndex, load_export, write_index
+from .index import INDEX_NAME, ExportIndex, load_export, write_index
 from .passes import (PROTO_PASS_LIMIT, cleanup_ir, fold_and_cleanup, initializer_bytes, node_counts, optimize_ir,
                      set_io_shapes)
 from .precision import WRAPPER_PREFIX, convert_precision
@@ -255,7 +255,7 @@ def export_model(model, out_dir: str | Path, precision: str = "fp32", networks: 
     from .precision import policy_for
 
     _require_onnx()
-    out_dir = Path(out_dir)
+    out_dir = claim_dir(out_dir, (INDEX_NAME,), "export directory")  # never into a folder of the user's
     model.eval()
     specs = make_specs(model.config, precision, networks)
     if vae_precision is not None:
@@ -274,6 +274,7 @@ def export_model(model, out_dir: str | Path, precision: str = "fp32", networks: 
         # The recorded steps are kept beside the graph: `verify` checks them too.
         recorded = {"calibration": fp8.stack_feeds(batches)}
     written: dict[str, ExportSpec] = {}
+    mark_dir(out_dir, "export directory")
     for spec in specs:
         if progress:
             progress(spec.key)

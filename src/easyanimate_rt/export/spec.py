@@ -323,9 +323,21 @@ class ExportSpec:
         if path.is_dir():
             path = path / SPEC_NAME
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ExportError(f"no {SPEC_NAME} at {path}") from None
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ExportError(f"{path} is not readable JSON ({exc}); it is corrupt or truncated, export again "
+                              f"with `easyanimate-rt export`") from None
+        if not isinstance(data, dict):
+            raise ExportError(f"{path} holds a JSON {type(data).__name__}, not a graph spec; export again")
+        try:
+            return cls.from_dict(data)
+        except ExportError as exc:
+            raise ExportError(f"{path}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ExportError(f"{path} is not a valid graph spec ({type(exc).__name__}: {exc}); export again "
+                              f"with `easyanimate-rt export`") from None
 
     def replace(self, **changes: Any) -> "ExportSpec":
         return dataclasses.replace(self, **changes)

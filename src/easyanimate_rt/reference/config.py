@@ -541,6 +541,15 @@ def read_model_config(directory: str | Path) -> ModelConfig | None:
         raise CheckpointError(f"{path} is not a valid model config: {exc}") from None
 
 
+def is_model_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` is a model directory this package wrote: its
+    ``easyanimate_rt.json`` reads as a model config (a file merely named so does not)."""
+    try:
+        return Path(directory).is_dir() and read_model_config(directory) is not None
+    except (CheckpointError, OSError):
+        return False
+
+
 def preset_name(source: str | Path) -> str:
     """``source`` as a preset name; a path-like ``source`` that is not a directory is a
     missing model directory, not a preset."""

@@ -47,6 +47,14 @@ class GenerationRequest:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v % mult:
                 raise InputError(f"{name} must be a positive multiple of {mult}, got {v!r}")
+        d = config.dit
+        if d.motion_module and (d.hidden_size // d.motion_norm_groups) * (self.height // mult) \
+                * (self.width // mult) * (d.latent_multiple // d.patch_size) ** 2 < 2:
+            # The motion module's GroupNorm normalises each frame's channels of a group over
+            # its tokens: one value per group has no variance (torch refuses it).
+            raise InputError(f"{self.height}x{self.width} is one DiT token per frame, too small for this model's "
+                             f"motion module (GroupNorm of {d.hidden_size // d.motion_norm_groups} channel per "
+                             f"group); height x width must be at least {mult}x{2 * mult}")
         config.vae.check_frames(self.frames)
         if not isinstance(self.steps, int) or self.steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")

@@ -52,11 +52,35 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"tokenizer directory not found: {path}")
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if (path / "spiece.model").exists():
-        return T5Tokenizer.from_pretrained(str(path), extra_ids=0, local_files_only=True)
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        if (path / name).exists():
+            _read_json_object(path / name, "tokenizer file")
+    try:
+        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if (path / "spiece.model").exists():
+            return T5Tokenizer.from_pretrained(str(path), extra_ids=0, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # transformers' and sentencepiece's
+        raise CheckpointError(f"tokenizer {path} cannot be loaded: {_first_line(exc)}") from None
     raise CheckpointError(f"{path} holds neither spiece.model nor tokenizer.json")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """``path`` as a JSON object; a CheckpointError naming the file otherwise."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({exc}); it is corrupt or truncated") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 class TextEncoder(nn.Module):
@@ -83,7 +107,11 @@ class TextEncoder(nn.Module):
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").exists():
             raise CheckpointError(f"text encoder directory {model_dir} has no config.json")
-        model = T5EncoderModel.from_pretrained(str(model_dir), local_files_only=True).to(dtype)
+        _read_json_object(model_dir / "config.json", "text encoder config")
+        try:
+            model = T5EncoderModel.from_pretrained(str(model_dir), local_files_only=True).to(dtype)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # transformers' load errors
+            raise CheckpointError(f"text encoder {model_dir} cannot be loaded: {_first_line(exc)}") from None
         if config is None:
             t5 = model.config
             config = TextEncoderConfig(

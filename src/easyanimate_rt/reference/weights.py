@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..fileio import atomic_save_safetensors, atomic_write_text, staged_dir
+from ..fileio import atomic_save_safetensors, atomic_write_text, claim_dir, staged_dir
 from .config import (CONFIG_NAME, PRESETS, DiTConfig, ModelConfig, VAEConfig, from_preset,  # noqa: F401
-                     preset_name, read_model_config)
+                     is_model_dir, preset_name, read_model_config)
 from .dit import VideoDiT, sincos_1d_interleaved
 from .text import TextEncoder, load_tokenizer, train_tokenizer
 from .upstream import dit_fields, upstream_config
@@ -165,7 +165,8 @@ def save_model(model: EasyAnimateModel, out_dir: str | Path, weights_dtype: torc
 
     ``weights_dtype`` (e.g. float16) stores the DiT and VAE floating-point tensors in a
     smaller type; loading casts them back to the modules' dtype."""
-    out_dir = Path(out_dir)
+    # It is replaced whole: never a folder of the user's, nor another kind of ours.
+    out_dir = claim_dir(out_dir, (CONFIG_NAME,), "model directory", is_ours=is_model_dir)
     with staged_dir(out_dir) as tmp:
         for sub, net in (("transformer", model.dit), ("vae", model.vae)):
             atomic_write_text(tmp / sub / "config.json",

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..engines.budget import check_bucket_budget, check_budget
 from ..engines.buckets import Bucket, bucket_shapes, graphs_needed
 from ..engines.cache import MODELS_DIR, EngineCache
 from ..engines.manifest import read_index
@@ -41,8 +42,7 @@ from ..export.spec import MAX_PROMPTS, decoder_variant
 from ..media import VideoWriter, check_output_path, frames_to_uint8, save_video
 from ..reference.config import ModelConfig, from_preset, model_fingerprint, preset_name, read_model_config
 from ..reference.request import GenerationRequest, default_request
-from ..reference.schedule import NumpySampler, SeededNoise
-from .budget import check_budget
+from ..reference.schedule import NumpySampler, SeededNoise, nonfinite_error
 from .engine import Engine
 from .loop_state import LoopState, request_key
 from .step_cache import CacheSettings, StepCache, load_rescale, rel_l1
@@ -88,11 +88,18 @@ def parse_backend(text: str) -> dict[str, str]:
         choice = dict.fromkeys(NETWORKS, text.strip())
     else:
         choice = dict.fromkeys(NETWORKS, "auto")
+        named: set[str] = set()
         for part in text.split(","):
-            name, _, value = part.partition("=")
+            name, eq, value = part.partition("=")
             name, value = name.strip(), value.strip()
+            if not eq:
+                raise InputError(f"backend: {part.strip()!r} in {text!r} is not NETWORK=BACKEND; give every network "
+                                 f"as NETWORK=BACKEND, e.g. dit=ort,vae=torch")
             if name not in NETWORKS:
                 raise InputError(f"backend: unknown network {name!r} in {text!r}; networks: {list(NETWORKS)}")
+            if name in named:
+                raise InputError(f"backend: network {name!r} is named twice in {text!r}; name each network once")
+            named.add(name)
             choice[name] = value
     for name, value in choice.items():
         if value not in BACKENDS:
@@ -174,6 +181,7 @@ class Pipeline:
         self.cuda_graphs = cuda_graphs
         self.clip_encoder = clip_encoder  # image (H, W, 3) uint8 -> (1, K) torch; InP image-to-video
         self.step_cache = step_cache or CacheSettings()  # runtime/step_cache.py; "none": the whole DiT
+        self._load_problem = ""  # why the last engine directory could not be loaded ("" when absent)
         self.last_cache_report: dict[str, Any] | None = None
         self.last_cache_pairs: list[tuple[float, float]] = []
 
@@ -211,6 +219,9 @@ class Pipeline:
                              f"precision {precision!r}")
         path = Path(source)
         config = read_config(source)
+        if config is not None and device == "cpu":  # a bucket this machine cannot run: before any work
+            for b in buckets or ():
+                check_bucket_budget(config, b.height, b.width, b.frames, b.prompts, guidance)
         model = None
         if config is None or uses_torch(backends):
             model = _load_model(source, seed)
@@ -289,6 +300,9 @@ class Pipeline:
             return
         built = self._built_buckets(directory)
         if not self.compile:
+            if self._load_problem:  # engines exist but cannot be used: say which file and why
+                raise EngineError(f"the engines in {directory} cannot be used: {self._load_problem}; allow "
+                                  f"compile on first use (drop --no-compile) to rebuild them")
             raise ShapeError(f"no engines for {bucket.name} ({guidance} guidance); built: "
                              f"{', '.join(built) or 'none'}; build them with `easyanimate-rt build --buckets "
                              f"{bucket.name}` or allow compile on first use")
@@ -316,9 +330,12 @@ class Pipeline:
         from ..export.index import load_export
         from .backends.ort import OrtEngine
 
+        self._load_problem = ""
         try:
             index = read_index(directory)
-        except EasyAnimateError:
+        except EasyAnimateError as exc:
+            if (Path(directory) / "engines.json").exists():
+                self._load_problem = str(exc)
             return False
         if index.get("source_sha256") != self.fingerprint:
             log.info("%s was built for another model; rebuilding", directory)
@@ -342,9 +359,11 @@ class Pipeline:
                 loaded[key] = engine
         except EngineError as exc:  # a library upgrade, another CPU, a changed file: rebuild
             log.warning("cached engines in %s cannot be used (%s); rebuilding", directory, exc)
+            self._load_problem = str(exc)
             return False
-        except (KeyError, OSError, EasyAnimateError) as exc:
+        except (KeyError, TypeError, OSError, EasyAnimateError) as exc:
             log.warning("engine directory %s is incomplete (%s); rebuilding", directory, exc)
+            self._load_problem = f"{type(exc).__name__}: {exc}" if isinstance(exc, (KeyError, TypeError)) else str(exc)
             return False
         for key, engine in loaded.items():
             self.engines[(guidance, key)] = engine
@@ -416,7 +435,8 @@ class Pipeline:
         them), each from its own seed's noise stream, so each equals its own run.
         ``step_times`` and ``trace`` (lists) receive each step's seconds and latents;
         ``checkpoints`` resumes from and saves LoopStates (runtime/loop_state.py; one
-        request only)."""
+        request only). Latents that turn NaN or infinite stop the loop with a
+        NumericalError naming the step and the sampler (no state is saved past it)."""
         reqs = [req] if isinstance(req, GenerationRequest) else list(req)
         req, n = reqs[0], len(reqs)
         checkpoints = checkpoints or Checkpoints()
@@ -505,6 +525,8 @@ class Pipeline:
             out_u, out_c = (out[:n], out[n:]) if len(out) == 2 * n else (out, out)
             eps = sampler.epsilon(i, xin, out_u + g * (out_c - out_u), self.config.dit.prediction_type)
             x = sampler.step(i, x, eps, noise() if sampler.needs_noise else None)
+            if not np.isfinite(x).all():  # before any trace, checkpoint or video sees them
+                raise nonfinite_error(i + 1, req.steps, req.sampler)
             if step_times is not None:
                 step_times.append(time.perf_counter() - t0)
             if trace is not None:

@@ -37,6 +37,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .compare import format_report, verify_export
 
     index = load_export(args.export_dir)
+    for key, spec in index.specs.items():  # a damaged graph is named before any work
+        if not args.networks or spec.network in args.networks:
+            index.check(key)
     model = None
     if args.model or args.seed is not None:
         model = load_model_for_export(args.model or index.source,

@@ -69,16 +69,25 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
     from .server import API_KEY_ENV, ServeOptions, serve
 
     buckets = None
+    model = args.model or default_model()
     if args.buckets:
-        from ...engines.buckets import parse_buckets
+        from ...engines.budget import check_bucket_budget
+        from ...engines.buckets import check_bucket, parse_buckets
+        from ..pipeline import read_config
 
         buckets = parse_buckets(args.buckets)
+        config = read_config(model)  # (None: an upstream release directory, checked by its build)
+        if config is not None and args.device in ("auto", "cpu"):  # before the store, workers or any export
+            for b in buckets:
+                check_bucket(config, b)
+                if args.device == "cpu" or not _cuda_visible():
+                    check_bucket_budget(config, b.height, b.width, b.frames, b.prompts)
     try:
         limits = Limits(args.max_frames, args.max_height, args.max_width, args.max_steps, args.max_prompt_chars,
                         args.max_body_bytes, args.max_tokens)
     except Exception as exc:
         raise InputError(str(exc).replace("server limit ", "--").replace("_", "-")) from None
-    opts = ServeOptions(model=args.model or default_model(), store=Path(args.store), host=args.host, port=args.port,
+    opts = ServeOptions(model=model, store=Path(args.store), host=args.host, port=args.port,
                         workers=args.workers, max_queue=args.max_queue, checkpoint_every=args.checkpoint_every,
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, limits=limits,
                         backend=args.backend, precision=args.precision, device=args.device, threads=args.threads,
@@ -87,3 +96,11 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
                         autoscale=args.autoscale)
     serve(opts, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

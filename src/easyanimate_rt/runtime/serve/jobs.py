@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 from ...errors import CheckpointError, ConfigError, EasyAnimateError, InputError
 from ...reference.config import ModelConfig
 from ...reference.request import GenerationRequest, default_request
-from ..budget import check_budget
+from ...engines.budget import check_budget
 from ..loop_state import LoopState
 from .store import JobStore
 
@@ -79,6 +79,13 @@ def resolve_request(fields: dict[str, Any], config: ModelConfig, limits: Limits)
                                                                                           GenerationRequest]:
     """(the request as stored: every field resolved, a drawn seed included; the
     GenerationRequest), or an InputError naming the rule and the value."""
+    for name, value in fields.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes decode to lone surrogates
+                raise InputError(f"{name} must be Unicode text (no unpaired surrogates), got "
+                                 f"{value[exc.start]!r} at index {exc.start}") from None
     if len(fields.get("prompt", "")) > limits.max_prompt_chars:
         raise InputError(f"prompt must be at most {limits.max_prompt_chars} characters (server limit), got "
                          f"{len(fields['prompt'])}")
