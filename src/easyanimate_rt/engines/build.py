@@ -126,12 +126,16 @@ def widen(spec: ExportSpec, profiles: Sequence[Profile]) -> ExportSpec:
 
 
 def parity_feeds(spec: ExportSpec, graph_dir: Path) -> list[dict[str, np.ndarray]]:
-    """The spec's saved sample inputs, and fresh inputs at each profile's opt shape."""
+    """The spec's saved sample inputs (where a profile holds their shapes), and fresh
+    inputs at each profile's opt shape."""
     feeds = []
     saved = graph_dir / INPUTS_NAME
     if saved.is_file():
         with np.load(saved) as data:
-            feeds.append({t.name: data[t.name] for t in spec.inputs})
+            sample = {t.name: data[t.name] for t in spec.inputs}
+        dims = spec.dims_of({k: v.shape for k, v in sample.items()})
+        if any(all(lo <= dims[n] <= hi for n, (lo, _, hi) in p.dims.items()) for p in spec.profiles):
+            feeds.append(sample)  # (an engine runs the shapes of its profiles only)
     for i, p in enumerate(spec.profiles):
         feeds.append(spec.random_inputs(spec.opt_dims(p), seed=100 + i))
     return feeds
@@ -161,12 +165,20 @@ def parity_gate(run: Callable[[dict[str, np.ndarray]], np.ndarray], spec: Export
 # --- one network ---------------------------------------------------------------------------
 
 
+#: The parity gate's engine: (staged entry, spec, source graph, backend, threads) -> a
+#: function from feeds to the first output as a host array. The runtime passes one that
+#: loads its own Engine class, so the gate runs the code generation runs.
+EngineRunner = Callable[[Path, ExportSpec, Path, str, "int | None"], Callable[[dict[str, np.ndarray]], np.ndarray]]
+
+
 def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir: Path, backend: str,
                  bucket_index: dict[str, int], fields: dict[str, Any], key: str, model_fn, threads: int | None,
-                 compute_capability: str | None, timing_cache: Path | None) -> None:
+                 compute_capability: str | None, timing_cache: Path | None, runner: EngineRunner | None = None
+                 ) -> None:
     t0 = time.perf_counter()
     profile_shapes = [spec.profile_shapes(p) for p in spec.profiles]
-    device_memory: list[int] = []
+    device_memory: list[int] = []  # TensorRT: activation bytes per profile, where the build can tell
+    io: list[dict[str, str]] = []    # TensorRT: the plan's tensors, for buffer plans without deserializing
     if backend.startswith("ort"):
         source, fusion = onnx_path, None
         if backend == "ort-cpu" and spec.key == "dit" and runs_here(backend):
@@ -190,25 +202,9 @@ def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir:
         built = build_plan(trt, onnx_path, profile_shapes, compute_capability=fields["target"].get("compute_capability")
                            if backend == "rtx" else None, timing_cache=timing_cache, **fields["flags"])
         (staging / PLAN_NAME).write_bytes(built.plan)
+        io, device_memory = built.io, built.device_memory
         artifact, flags = PLAN_NAME, dict(fields["flags"])
     seconds = time.perf_counter() - t0
-    parity: dict[str, Any] = {"skipped": f"{backend} engines do not run on this machine"}
-    if runs_here(backend):
-        if backend.startswith("ort"):
-            session = ortb.load(staging, artifact, backend, threads, profile_shapes)
-
-            def run(feed):
-                return session.run(None, {k: np.ascontiguousarray(v) for k, v in feed.items()})[0]
-        else:  # datacenter TensorRT on this GPU
-            from polygraphy.backend.common import BytesFromPath
-            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-            runner = TrtRunner(EngineFromBytes(BytesFromPath(str(staging / PLAN_NAME))))
-            runner.activate()
-
-            def run(feed):
-                return runner.infer(feed)[spec.output_names[0]]
-        parity = parity_gate(run, spec, model_fn(), parity_feeds(spec, graph_dir))
     path = staging / artifact
     manifest = Manifest(
         key=spec.key, backend=backend, precision=spec.precision.name, onnx_sha256=fields["onnx_sha256"],
@@ -218,8 +214,31 @@ def _build_entry(staging: Path, *, spec: ExportSpec, onnx_path: Path, graph_dir:
                   for p in spec.profiles],
         flags=flags, versions=fields["versions"], target=fields["target"],
         artifact={"file": artifact, "bytes": path.stat().st_size, "sha256": sha256_files([path])},
-        build_seconds=round(seconds, 3), parity=parity, device_memory=device_memory, cache_key=key)
-    manifest.save(staging)
+        build_seconds=round(seconds, 3), parity={"skipped": f"{backend} engines do not run on this machine"},
+        device_memory=device_memory, cache_key=key, io=io)
+    manifest.save(staging)  # first: the gate loads the staged entry as a later run loads the cached one
+    if runs_here(backend):
+        make = runner or _library_runner
+        run = make(staging, spec, onnx_path, backend, threads)
+        manifest.parity = parity_gate(run, spec, model_fn(), parity_feeds(spec, graph_dir))
+        manifest.save(staging)
+
+
+def _library_runner(staging: Path, spec: ExportSpec, onnx_path: Path, backend: str, threads: int | None
+                    ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The gate's engine where no runtime gave its own (engines used as a library): the
+    library's session or polygraphy's TrtRunner on the staged artefact."""
+    manifest = Manifest.load(staging)
+    if backend.startswith("ort"):
+        session = ortb.load(staging, manifest.artifact["file"], backend, threads,
+                            [spec.profile_shapes(p) for p in spec.profiles])
+        return lambda feed: session.run(None, {k: np.ascontiguousarray(v) for k, v in feed.items()})[0]
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    trt_runner = TrtRunner(EngineFromBytes(BytesFromPath(str(staging / PLAN_NAME))))
+    trt_runner.activate()
+    return lambda feed: trt_runner.infer(feed)[spec.output_names[0]]
 
 
 def _fusions(onnx_path: Path, staging: Path, spec: ExportSpec, graph_dir: Path, model_fn, threads: int | None
@@ -347,12 +366,14 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
                   threads: int | None = None, seed: int = 0, flags: dict[str, Any] | None = None,
                   progress: Callable[[str], None] | None = None,
                   index_info: dict[str, Any] | None = None, encoders: bool = False,
-                  export_dir: Path | None = None, step_cache: bool = False) -> list[NetworkBuild]:
+                  export_dir: Path | None = None, step_cache: bool = False,
+                  runner: EngineRunner | None = None) -> list[NetworkBuild]:
     """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring.
     ``encoders``: also the VAE encoder slices (an InP model's mask and masked-video latents);
     ``step_cache``: the DiT as its head and tail graphs (runtime/step_cache.py), not whole;
     ``export_dir``: where a model source is exported (default ``out_dir/export``; graphs of
-    the same model already there are reused)."""
+    the same model already there are reused); ``runner``: the parity gate's engine
+    (:data:`EngineRunner`; the runtime and the CLI pass the runtime's Engine class)."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not buckets:
@@ -410,6 +431,8 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         return loaded[0]
 
     flags = dict(flags or {})
+    if backend == "rtx":  # TensorRT-RTX plans capture into a CUDA graph only with user-allocated memory
+        flags.setdefault("require_user_allocation", True)
     timing_cache = None
     if backend == "trt":
         timing_cache = cache.root / f"timing-{target['name'].replace(' ', '_')}-{versions['tensorrt']}.cache"
@@ -428,7 +451,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         entry, built = cache.get_or_build(ckey, lambda staging, spec=spec, onnx_path=onnx_path, key=key: _build_entry(
             staging, spec=spec, onnx_path=onnx_path, graph_dir=index.root / key, backend=backend,
             bucket_index=bucket_index, fields=fields, key=ckey, model_fn=model_fn, threads=threads,
-            compute_capability=compute_capability, timing_cache=timing_cache))
+            compute_capability=compute_capability, timing_cache=timing_cache, runner=runner))
         manifest = Manifest.load(entry)
         if manifest.buckets != bucket_index:  # same engine, other bucket names: record this build's
             manifest = dataclasses.replace(manifest, buckets=bucket_index)

@@ -107,7 +107,8 @@ def cmd_build(args) -> int:
     results = build_engines(args.source, args.out, args.backend, buckets, guidance=args.guidance, ranged=args.ranged,
                             precision=args.precision, compute_capability=args.compute_capability,
                             cache=EngineCache(args.cache_dir), threads=args.threads, seed=args.seed, flags=flags,
-                            progress=None if args.quiet else (lambda line: print(line, flush=True)))
+                            progress=None if args.quiet else (lambda line: print(line, flush=True)),
+                            runner=getattr(args, "gate_runner", None))
     print(f"{'network':22s} {'profiles':>8s} {'artefact':>10s} {'build':>8s}  parity")
     for r in results:
         m = r.manifest

@@ -53,7 +53,7 @@ _NUMBER = (int, float)
 _TYPES: dict[str, Any] = {
     "key": str, "backend": str, "precision": str, "onnx_sha256": str, "spec_sha256": str, "buckets": dict,
     "profiles": list, "flags": dict, "versions": dict, "target": dict, "artifact": dict,
-    "build_seconds": _NUMBER, "parity": dict, "device_memory": list, "cache_key": str,
+    "build_seconds": _NUMBER, "parity": dict, "device_memory": list, "cache_key": str, "io": list,
 }
 _REQUIRED = ("key", "backend", "precision", "onnx_sha256", "spec_sha256", "buckets", "profiles", "flags",
              "versions", "target", "artifact", "build_seconds")
@@ -76,8 +76,9 @@ class Manifest:
     artifact: dict[str, Any]      # file, bytes, sha256
     build_seconds: float
     parity: dict[str, Any] = field(default_factory=dict)
-    device_memory: list[int] = field(default_factory=list)
+    device_memory: list[int] = field(default_factory=list)  # activation bytes per profile (TensorRT; [] unknown)
     cache_key: str = ""
+    io: list[dict[str, str]] = field(default_factory=list)  # name, mode (input|output), dtype per I/O tensor
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
@@ -100,6 +101,13 @@ class Manifest:
             raise EngineError(f"field 'artifact' must hold a file name, bytes and sha256, got {artifact!r:.80}")
         if not all(isinstance(v, int) for v in d["buckets"].values()):
             raise EngineError(f"field 'buckets' must map bucket names to profile indices, got {d['buckets']!r:.80}")
+        for entry in d.get("io", []):
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "mode", "dtype"))
+                    and entry["mode"] in ("input", "output")):
+                raise EngineError(f"field 'io' must list {{name, mode: input|output, dtype}} per tensor, got "
+                                  f"{entry!r:.80}")
+        if not all(isinstance(v, int) and v >= 0 for v in d.get("device_memory", [])):
+            raise EngineError(f"field 'device_memory' must list bytes per profile, got {d['device_memory']!r:.80}")
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def save(self, directory: Path) -> None:

@@ -6,6 +6,9 @@ optimisation level, workspace limit, optional weight streaming and refit, a pers
 timing cache, ``build_serialized_network``. The libraries are imported lazily.
 
 ``engine_loader`` is the polygraphy loader the validation ladder runs TensorRT through.
+A build also records what the runtime plans its buffers from (``PlanBuild.io``, and
+``device_memory`` where the plan can be deserialized); ``import_backend`` is the one
+place a backend name becomes its TensorRT module.
 """
 
 from __future__ import annotations
@@ -33,6 +36,83 @@ class PlanBuild:
     layers: int
     inputs: dict[str, list[tuple[int, ...]]]
     messages: list[str] = field(default_factory=list)
+    #: {name, mode (input | output), dtype} per network I/O tensor (manifest field ``io``)
+    io: list[dict[str, str]] = field(default_factory=list)
+    #: activation bytes per optimisation profile; empty where the plan cannot be
+    #: deserialized here (every ahead-of-time build) (manifest field ``device_memory``)
+    device_memory: list[int] = field(default_factory=list)
+
+
+#: TensorRT DataType member name -> the dtype name specs and manifests use (numpy/torch spelling)
+DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8_e4m3fn",
+               "INT64": "int64", "INT32": "int32", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+def dtype_name(trt_dtype) -> str:
+    """``trt.DataType.HALF`` -> ``"float16"`` (unknown types: their lower-case TensorRT name)."""
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    return DTYPE_NAMES.get(name, name.lower())
+
+
+def import_backend(backend: str):
+    """The TensorRT module of an engine backend: ``tensorrt`` for ``trt``, ``tensorrt_rtx``
+    for ``rtx``; a MissingDependencyError naming the extra (trt, rtx) when it is missing."""
+    if backend == "trt":
+        return import_tensorrt()
+    if backend == "rtx":
+        from .tensorrt_rtx import _import
+
+        return _import()
+    raise EngineError(f"backend {backend!r} is not a TensorRT backend (trt, rtx)")
+
+
+def collecting_logger(trt, messages: list[str]):
+    """A TensorRT logger that keeps warnings and errors in ``messages`` (for error text)
+    and sends everything to this module's log at debug level."""
+    return _logger(trt, messages)
+
+
+def network_io(network) -> list[dict[str, str]]:
+    """{name, mode, dtype} of each input and output of a parsed network. Strongly typed
+    networks keep these dtypes in the engine, so the runtime can plan its buffers from
+    them without deserializing the plan."""
+    ins = [network.get_input(i) for i in range(network.num_inputs)]
+    outs = [network.get_output(i) for i in range(network.num_outputs)]
+    return ([{"name": t.name, "mode": "input", "dtype": dtype_name(t.dtype)} for t in ins]
+            + [{"name": t.name, "mode": "output", "dtype": dtype_name(t.dtype)} for t in outs])
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def plan_device_memory(trt, plan: bytes) -> list[int]:
+    """Activation bytes each optimisation profile of ``plan`` needs, read from the
+    deserialized engine (``get_device_memory_size_for_profile_v2``, else the engine-wide
+    ``device_memory_size_v2``). The builder does not report it, and deserializing needs a
+    GPU this TensorRT runs on: ``[]`` elsewhere (every ahead-of-time RTX build)."""
+    if not _cuda_visible():
+        return []
+    messages: list[str] = []
+    try:
+        runtime = trt.Runtime(_logger(trt, messages))
+        engine = runtime.deserialize_cuda_engine(plan)
+    except Exception as exc:  # a plan for another GPU, a library that cannot run here
+        log.debug("%s: no device memory figures (%s)", trt.__name__, exc)
+        return []
+    if engine is None:
+        log.debug("%s: no device memory figures (%s)", trt.__name__, "; ".join(messages[-2:]))
+        return []
+    n = engine.num_optimization_profiles
+    per_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    if per_profile is not None:
+        return [int(per_profile(i)) for i in range(n)]
+    total = getattr(engine, "device_memory_size_v2", None)
+    return [int(engine.device_memory_size if total is None else total)] * n
 
 
 def import_tensorrt():
@@ -69,10 +149,14 @@ def _logger(trt, messages: list[str]):
 def build_plan(trt, onnx_path: str | Path, profiles: Sequence[ProfileShapes], *,
                compute_capability: str | None = None, workspace_bytes: int | None = None,
                optimization_level: int | None = None, weight_streaming: bool = False, refit: bool = False,
-               timing_cache: str | Path | None = None) -> PlanBuild:
+               timing_cache: str | Path | None = None, require_user_allocation: bool = False) -> PlanBuild:
     """Parse ``onnx_path`` with ``trt`` (the tensorrt or tensorrt_rtx module) and build a
     serialized engine with one optimisation profile per entry of ``profiles``. Raises
-    EngineError with the parser's or builder's messages if TensorRT rejects the graph."""
+    EngineError with the parser's or builder's messages if TensorRT rejects the graph.
+    ``require_user_allocation``: TensorRT-RTX's REQUIRE_USER_ALLOCATION flag (all memory
+    from the application), which RTX asks for before its engines can be captured in a
+    CUDA graph; ignored by a TensorRT without the flag. The result records the network's
+    I/O and, where the plan can be deserialized here, each profile's activation bytes."""
     onnx_path = Path(onnx_path)
     messages: list[str] = []
     logger = _logger(trt, messages)
@@ -98,6 +182,8 @@ def build_plan(trt, onnx_path: str | Path, profiles: Sequence[ProfileShapes], *,
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     if refit:
         config.set_flag(trt.BuilderFlag.REFIT)
+    if require_user_allocation and hasattr(trt.BuilderFlag, "REQUIRE_USER_ALLOCATION"):
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     cache = None
     if timing_cache is not None and hasattr(config, "create_timing_cache"):
         path = Path(timing_cache)
@@ -121,7 +207,9 @@ def build_plan(trt, onnx_path: str | Path, profiles: Sequence[ProfileShapes], *,
     seconds = time.perf_counter() - t0
     log.info("%s: built %s in %.1fs (%d layers, %d bytes)", trt.__name__, onnx_path, seconds,
              network.num_layers, plan.nbytes)
-    return PlanBuild(bytes(memoryview(plan)), seconds, network.num_layers, shapes, messages)
+    plan_bytes = bytes(memoryview(plan))
+    return PlanBuild(plan_bytes, seconds, network.num_layers, shapes, messages, io=network_io(network),
+                     device_memory=plan_device_memory(trt, plan_bytes))
 
 
 def local_gpu() -> dict[str, Any]:
