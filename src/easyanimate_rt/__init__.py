@@ -3,8 +3,9 @@
 The public API, imported lazily so that ``import easyanimate_rt`` (and the torch-free
 parts: errors, export specs, media) costs nothing until a name is used::
 
-    from easyanimate_rt import ReferencePipeline, load_model
-    pipe = ReferencePipeline.from_pretrained("path/to/model")
+    from easyanimate_rt import Pipeline, ReferencePipeline, load_model
+    pipe = Pipeline.from_pretrained("path/to/model")            # the runtime, on engines
+    ref = ReferencePipeline.from_pretrained("path/to/model")    # the PyTorch yardstick
 
 Where things live: ``reference`` (the PyTorch model, the definition), ``train``,
 ``shapes`` (the synthetic world and its evaluation), ``data`` (the data pipeline),
@@ -21,6 +22,9 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _EXPORTS = {
+    "Pipeline": "easyanimate_rt.runtime.pipeline",
+    "Video": "easyanimate_rt.runtime.pipeline",
+    "NumericalError": "easyanimate_rt.errors",
     "ReferencePipeline": "easyanimate_rt.reference.pipeline",
     "GenerationRequest": "easyanimate_rt.reference.pipeline",
     "GenerationResult": "easyanimate_rt.reference.pipeline",
@@ -46,11 +50,12 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
     from .errors import (CheckpointError, ConfigError, EasyAnimateError, EngineError,  # noqa: F401
-                         ExportError, InputError, MissingDependencyError, ShapeError)
+                         ExportError, InputError, MissingDependencyError, NumericalError, ShapeError)
     from .reference.config import PRESETS, ModelConfig, from_preset  # noqa: F401
     from .reference.pipeline import GenerationRequest, GenerationResult, ReferencePipeline  # noqa: F401
     from .reference.weights import (EasyAnimateModel, load_model, load_model_or_preset,  # noqa: F401
                                     random_model, save_model)
+    from .runtime.pipeline import Pipeline, Video  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -80,9 +80,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # --- generate ----------------------------------------------------------------------------
 
-GENERATE_BACKENDS = "auto (ONNX Runtime engines, built on first use), reference (the PyTorch reference " \
-                    "pipeline), torch, torch-compile (the torch modules under torch.compile; the first " \
-                    "call compiles), ort, or per network: dit=ort,vae=torch"
+GENERATE_BACKENDS = "auto (trt, else ort-cuda, else torch on a GPU; ort-cpu on the CPU; engines built on first " \
+                    "use), ort-cpu (alias ort), ort-cuda, ort-trt, trt, rtx, torch, torch-compile (the torch " \
+                    "modules under torch.compile), reference (the PyTorch reference pipeline), or per network: " \
+                    "dit=trt,vae=ort-cuda"
 
 
 def _seed(text: str) -> int:
@@ -145,11 +146,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         req.validate(config)
         check_budget(config, req, args.max_tokens)
     stages: list = []  # a bar over the first-use export and build, made by its first stage
+    tty = sys.stderr.isatty()  # a log (not a terminal) gets plain lines, no bars
 
     def progress(msg: str) -> None:
+        line = f"[{time.perf_counter() - t_start:5.1f}s] {msg}"
+        if not tty:
+            print(line, file=sys.stderr, flush=True)
+            return
         if not stages:
             stages.append(tqdm(desc="first use", unit="stage", file=sys.stderr))
-        stages[0].write(f"[{time.perf_counter() - t_start:5.1f}s] {msg}", file=sys.stderr)
+        stages[0].write(line, file=sys.stderr)
         stages[0].update(1)
     if use_reference:
         from .reference.pipeline import ReferencePipeline
@@ -177,11 +183,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(f"model: preset {model!r} with random weights (no trained model given)")
     req = pipe.request(args.prompt, **kwargs)
-    req.validate(pipe.config)
-    bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet, file=sys.stderr)
+    if config is None:  # an upstream release directory: its rules once its config is loaded
+        req.validate(pipe.config)
+    bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet or not tty, file=sys.stderr)
+    quarters = {max(1, round(req.steps * q / 4)) for q in range(1, 5)}
 
     def on_step(i: int, n: int) -> None:
         bar.update(1)
+        if not tty and not args.quiet and i in quarters:  # a log: a line at each quarter of the loop
+            print(f"[{time.perf_counter() - t_start:5.1f}s] denoising: step {i}/{n}", file=sys.stderr, flush=True)
 
     try:
         if use_reference:
@@ -268,6 +278,13 @@ def _check_rescale_target(out: Path, option: str) -> None:
         if not ours:
             raise InputError(f"{option}: {out} exists and is not a step-cache file written by cache-fit; "
                              f"give another path (nothing was written)")
+
+
+def _gate_runner(*args):
+    """runtime.backends.gate_runner, imported when a build's gate runs."""
+    from .runtime.backends import gate_runner
+
+    return gate_runner(*args)
 
 
 def _reference_to_file(pipe, req, out: str, on_step) -> dict:
@@ -363,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_verify_parser(sub)
     add_build_parser(sub)
+    # The parity gate of `build` runs the runtime's own engines (engines/ cannot import runtime/).
+    sub.choices["build"].set_defaults(gate_runner=_gate_runner)
     add_serve_parser(sub, default_model)
     return parser
 

@@ -1,7 +1,7 @@
 """Latents that turn NaN or infinite stop every denoising loop with a NumericalError
 naming the step (1-based) and the sampler, and no video is written (issue 24): the
-reference pipeline, the runtime's numpy loop (whole DiT and step-cached), the GPU loop
-(eagerly on the CPU; CUDA-graph replay on a GPU) and the CLI.
+reference pipeline, the runtime's loop on host arrays (whole DiT and step-cached) and on
+device arrays (torch tensors: on the CPU here; CUDA-graph replay on a GPU) and the CLI.
 
 The DiT is made to return NaN from step k on by gating on its timestep input (the
 timesteps fall step by step), so the same patch works eagerly, in a captured CUDA graph
@@ -23,9 +23,9 @@ from easyanimate_rt.media import read_video
 from easyanimate_rt.reference.dit import VideoDiT
 from easyanimate_rt.reference.pipeline import ReferencePipeline
 from easyanimate_rt.reference.schedule import sampler_tables, training_schedule
-from easyanimate_rt.runtime.cuda_graphs import denoise_on_device
+from easyanimate_rt.runtime.denoiser import Denoiser, DeviceArrays
 from easyanimate_rt.runtime.pipeline import Checkpoints, Pipeline
-from easyanimate_rt.runtime.step_cache import CacheSettings, StepCache
+from easyanimate_rt.runtime.step_cache import CacheSettings
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SAMPLERS = ["ddim", "euler", "euler_a", "dpm++"]
@@ -144,57 +144,60 @@ def test_step_cached_runtime_loop_stops_at_the_bad_step(cached, monkeypatch):
     """NaN from the head (it runs every step, skipped or not) at step 6 of 10."""
     req = cached.request("a red circle", steps=10, seed=2, **SIZE)
     emb, mask = cached.encode(req)
-    cached.denoise(req, emb, mask)
-    assert "." in cached.last_cache_report["decisions"]  # the loop skips steps
+    assert "." in cached.denoised(req, emb, mask).cache_report["decisions"]  # the loop skips steps
     nan_engine_from_step(monkeypatch, cached.engine("dit_cache/head"), timestep_of(req.sampler, 10, 6))
     with pytest.raises(NumericalError, match=named(6, 10, "dpm++")):
         cached.denoise(req, emb, mask)
+
+
+def device_loop(model, ref, req, **kwargs):
+    """The runtime's loop with its arrays on a device (torch tensors; here the CPU)."""
+    emb, mask = ref.encode_prompt(req.prompt, req.negative_prompt)
+    loop = Denoiser.on_model(model, DeviceArrays(str(emb.device)), **kwargs)
+    return loop, emb.float().cpu().numpy(), mask.cpu().numpy()
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_device_loop_names_the_first_bad_step_on_cpu(model, monkeypatch, sampler):
     ref = ReferencePipeline(model)
     req = ref.request("a red circle", steps=STEPS, sampler=sampler, seed=1, **SIZE)
-    emb, mask = ref.encode_prompt(req.prompt, req.negative_prompt)
+    loop, emb, mask = device_loop(model, ref, req)
     nan_from_step(monkeypatch, model.dit, timestep_of(sampler, STEPS, BAD))
     done: list[int] = []
     with pytest.raises(NumericalError, match=named(BAD, STEPS, sampler)):
-        denoise_on_device(model, req, emb, mask, device="cpu", cuda_graph=False,
-                          callback=lambda i, n: done.append(i))
+        loop.run([req], emb, mask, callback=lambda i, n: done.append(i))
     assert done == list(range(1, STEPS + 1))  # no per-step read-back: the check comes after the loop
     # a checkpoint reads the latents back anyway: there the bad step stops the loop first
     saved = []
     with pytest.raises(NumericalError, match=rf"at step {BAD} of {STEPS}"):
-        denoise_on_device(model, req, emb, mask, device="cpu", cuda_graph=False,
-                          checkpoints=Checkpoints(save=saved.append, every=1))
+        loop.run([req], emb, mask, checkpoints=Checkpoints(save=saved.append, every=1))
     assert [s.step for s in saved] == list(range(1, BAD))
 
 
-def test_device_loop_with_step_caching_names_the_bad_step_on_cpu(cached, monkeypatch):
-    req = cached.request("a red circle", steps=10, seed=2, **SIZE)
-    emb, mask = cached.encode(req)
-    head, tail = (cached.engine(f"dit_cache/{k}").module for k in ("head", "tail"))
-    nan_from_step(monkeypatch, head, timestep_of(req.sampler, 10, 6))
+def test_device_loop_with_step_caching_names_the_bad_step_on_cpu(model, monkeypatch):
+    ref = ReferencePipeline(model)
+    req = ref.request("a red circle", steps=10, seed=2, **SIZE)
+    loop, emb, mask = device_loop(model, ref, req, step_cache=CACHE)
+    nan_from_step(monkeypatch, loop.engine("dit_cache/head").module, timestep_of(req.sampler, 10, 6))
     with pytest.raises(NumericalError, match=named(6, 10, "dpm++")):
-        denoise_on_device(cached.model(), req, emb, mask, device="cpu", cuda_graph=False,
-                          step_cache=StepCache(CACHE, req.steps), head=head, tail=tail)
+        loop.run([req], emb, mask)
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampler", ["dpm++", "euler_a"])
 def test_cuda_graph_loop_names_the_first_bad_step(monkeypatch, sampler):
-    """The NaN comes from inside the captured graph (the gate reads the timestep on the
-    device); the flags are read once, after the loop."""
+    """The NaN comes from inside the DiT engine's captured graph (the gate reads the
+    timestep on the device); the flags are read once, after the loop."""
     gpu_model = build_model("tiny").to("cuda")
     ref = ReferencePipeline(gpu_model, device="cuda")
     req = ref.request("a red circle", steps=STEPS, sampler=sampler, seed=1, **SIZE)
-    emb, mask = ref.encode_prompt(req.prompt, req.negative_prompt)
-    good = denoise_on_device(gpu_model, req, emb, mask, device="cuda", cuda_graph=True)
-    assert torch.isfinite(good).all()
+    loop, emb, mask = device_loop(gpu_model, ref, req, cuda_graphs=True)
+    assert np.isfinite(loop.run([req], emb, mask).latents).all()
     nan_from_step(monkeypatch, gpu_model.dit, timestep_of(sampler, STEPS, BAD))
+    loop, emb, mask = device_loop(gpu_model, ref, req, cuda_graphs=True)  # captured anew, with the gate
     with pytest.raises(NumericalError, match=named(BAD, STEPS, sampler)):
-        denoise_on_device(gpu_model, req, emb, mask, device="cuda", cuda_graph=True)
+        loop.run([req], emb, mask)
 
 
 # --- through the CLI ----------------------------------------------------------------------------

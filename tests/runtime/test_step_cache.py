@@ -116,10 +116,9 @@ def test_a_skipped_step_reuses_the_cached_residual(model, model_dir, cache_dir):
 
     head.run, tail.run = spy("head", run_head), spy("tail", run_tail)
     try:
-        pipe.run(req)
+        report = pipe.run(req).timings["step_cache"]
     finally:
         head.run, tail.run = run_head, run_tail
-    report = pipe.last_cache_report
     assert report["decisions"] == "CC....CC"  # first and last two computed, the rest skipped
     kinds = "".join("h" if k == "head" else "t" for k, _, _ in seen)
     assert kinds == "htht" + "h" * 4 + "htht"
@@ -184,16 +183,15 @@ def test_the_drift_guard_fires_and_lowers_the_threshold(model_dir, cache_dir):
     cached prediction is far from the computed one, so the guard halves the threshold."""
     settings = CacheSettings("fbcache", 1e9, warmup=1, cooldown=1, check_every=2, max_skips=100, drift_bound=1e-6)
     pipe = pipeline(model_dir, cache_dir, cache=settings)
-    pipe.run(pipe.request(PROMPT, steps=8, seed=2, **SIZE))
-    report = pipe.last_cache_report
+    report = pipe.run(pipe.request(PROMPT, steps=8, seed=2, **SIZE)).timings["step_cache"]
     assert report["checked"] >= 2 and report["fired"], report
     assert report["final_threshold"] == pytest.approx(1e9 / 2 ** len(report["fired"]))
     assert all(e > 1e-6 for _, e in report["drift"])
     # a loose bound: checked, never fired
     loose = CacheSettings("fbcache", 1e9, warmup=1, cooldown=1, check_every=2, max_skips=100, drift_bound=1e9)
     pipe = pipeline(model_dir, cache_dir, cache=loose)
-    pipe.run(pipe.request(PROMPT, steps=8, seed=2, **SIZE))
-    assert pipe.last_cache_report["checked"] >= 2 and not pipe.last_cache_report["fired"]
+    report = pipe.run(pipe.request(PROMPT, steps=8, seed=2, **SIZE)).timings["step_cache"]
+    assert report["checked"] >= 2 and not report["fired"]
 
 
 @pytest.mark.parametrize("kwargs, rule", [

@@ -552,3 +552,14 @@ def make_specs(config: ModelConfig, precision: str = "fp32", networks=None) -> l
         else:
             specs += [vae_decoder_spec(config, v, precision) for v in decoder_variants(config)]
     return specs
+
+
+def spec_of(config: ModelConfig, key: str, precision: str = "fp32") -> ExportSpec:
+    """The spec of one graph by its key (``dit``, ``vae_decoder/first``, ``dit_cache/head``)."""
+    network = key.split("/")[0]
+    if network not in NETWORKS + (CACHE_NETWORK,):
+        raise ConfigError(f"unknown graph {key!r}; networks are {list(NETWORKS)} (and {CACHE_NETWORK!r})")
+    for spec in make_specs(config, precision, [network]):
+        if spec.key == key:
+            return spec
+    raise ConfigError(f"{config.name} has no graph {key!r}")

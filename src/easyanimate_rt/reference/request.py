@@ -4,7 +4,8 @@ naming the rule and the value."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -89,3 +90,30 @@ def default_request(config: ModelConfig, prompt: str, **kwargs) -> GenerationReq
                 steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
     base.update({k: v for k, v in kwargs.items() if v is not None})
     return GenerationRequest(prompt=prompt, **base)
+
+
+def batch_key(req: GenerationRequest) -> dict[str, Any]:
+    """What requests of one batch share: everything but the prompts and the seed."""
+    return {f.name: getattr(req, f.name) for f in fields(req) if f.name not in ("prompt", "negative_prompt", "seed")}
+
+
+def check_batch(reqs: list[GenerationRequest], config: ModelConfig, most: int) -> None:
+    """1 .. ``most`` valid requests that differ only in prompts and seed (one batch of
+    the runtime's loop); an InputError naming the field and both values otherwise."""
+    if not 1 <= len(reqs) <= most:
+        raise InputError(f"a batch holds 1 .. {most} requests, got {len(reqs)}")
+    for req in reqs:
+        req.validate(config)
+    first = batch_key(reqs[0])
+    for req in reqs[1:]:
+        other = batch_key(req)
+        for name, value in first.items():
+            if not _same(value, other[name]):
+                raise InputError(f"requests in one batch differ only in prompt, negative prompt and seed; "
+                                 f"{name} is {value!r} in the first and {other[name]!r} in another")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return a is b or (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b))
+    return a == b

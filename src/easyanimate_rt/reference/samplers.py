@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -171,6 +172,16 @@ class Sampler:
         if x0 is not None:
             self._prev_x0.copy_(x0)
         return out.to(x.dtype)
+
+    @property
+    def history(self) -> np.ndarray | None:
+        """A multistep sampler's memory of earlier steps (DPM++: the last x0) as a host
+        array, or None: what a checkpoint keeps (as NumpySampler.history)."""
+        return None if self._prev_x0 is None else self._prev_x0.detach().float().cpu().numpy()
+
+    @history.setter
+    def history(self, value: np.ndarray | None) -> None:
+        self._prev_x0 = None if value is None else torch.from_numpy(np.asarray(value, np.float32)).to(self.device)
 
     def reset(self) -> None:
         """Forget multistep state before a new trajectory (harmless: the first step

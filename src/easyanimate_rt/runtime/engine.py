@@ -18,6 +18,17 @@ from ..errors import ShapeError
 from ..export.spec import ExportSpec, Profile
 
 
+def to_host(value: Any) -> np.ndarray:
+    """An engine output as a numpy array: itself on the CPU; a device tensor (a GPU
+    engine's buffer view) copied back, floating outputs as float32."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach()
+        return (value.float() if value.is_floating_point() else value).cpu().numpy()
+    return np.asarray(value)
+
+
 class Engine(Protocol):
     spec: ExportSpec
 

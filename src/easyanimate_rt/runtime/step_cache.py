@@ -212,8 +212,7 @@ def calibrate(pipe, prompts: Sequence[str], steps: int | None = None, degree: in
     for prompt in prompts:
         req = pipe.request(prompt, **({"steps": steps} if steps else {}), **request)
         emb, mask = pipe.encode(req)
-        pipe.denoise(req, emb, mask)
-        pairs += pipe.last_cache_pairs
+        pairs += pipe.denoised(req, emb, mask).cache_pairs
     return fit_rescale(*zip(*pairs), degree=degree), pairs
 
 

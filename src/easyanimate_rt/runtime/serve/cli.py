@@ -71,8 +71,8 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
     buckets = None
     model = args.model or default_model()
     if args.buckets:
-        from ...engines.budget import check_bucket_budget
         from ...engines.buckets import check_bucket, parse_buckets
+        from ...engines.budget import check_bucket_budget
         from ..pipeline import read_config
 
         buckets = parse_buckets(args.buckets)

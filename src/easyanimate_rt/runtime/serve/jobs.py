@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ...engines.budget import check_budget
 from ...errors import CheckpointError, ConfigError, EasyAnimateError, InputError
 from ...reference.config import ModelConfig
 from ...reference.request import GenerationRequest, default_request
-from ...engines.budget import check_budget
 from ..loop_state import LoopState
 from .store import JobStore
 
