@@ -193,18 +193,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not tty and not args.quiet and i in quarters:  # a log: a line at each quarter of the loop
             print(f"[{time.perf_counter() - t_start:5.1f}s] denoising: step {i}/{n}", file=sys.stderr, flush=True)
 
-    try:
-        if use_reference:
-            timings = _reference_to_file(pipe, req, args.out, on_step)
-        else:
-            timings = pipe.generate_to(args.out, req, on_step, max_tokens=args.max_tokens).timings
+    try:  # the reference and the runtime answer the same call with the same result
+        timings = pipe.generate_to(args.out, req, on_step, max_tokens=args.max_tokens).timings
     finally:
         bar.close()
     total = time.perf_counter() - t_start
     backend = "reference" if use_reference else pipe.describe()
     print(f"wrote {args.out} ({req.frames} frames {req.height}x{req.width} @ {pipe.config.sampling.fps} fps) "
           f"on {backend} in {total:.1f}s")
-    report = timings.get("step_cache") if not use_reference else None
+    report = timings.get("step_cache")
     if report:
         print(f"step cache ({report['policy']}, threshold {report['threshold']:g}): {report['computed']} steps "
               f"computed, {report['skipped']} skipped, {report['checked']} checked by the drift guard"
@@ -285,26 +282,6 @@ def _gate_runner(*args):
     from .runtime.backends import gate_runner
 
     return gate_runner(*args)
-
-
-def _reference_to_file(pipe, req, out: str, on_step) -> dict:
-    """The reference pipeline, its frames streamed into the writer slice by slice."""
-    from .media import VideoWriter
-
-    req.validate(pipe.config)
-    timings: dict = {}
-    t = time.perf_counter()
-    emb, mask = pipe.encode_prompt(req.prompt, req.negative_prompt)
-    timings["text"] = time.perf_counter() - t
-    t = time.perf_counter()
-    latents = pipe.denoise(req, emb, mask, on_step)
-    timings["denoise"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with VideoWriter(out, pipe.config.sampling.fps) as writer:
-        for chunk in pipe.iter_frames(latents):
-            writer.write(chunk)
-    timings["decode"] = time.perf_counter() - t
-    return timings
 
 
 # --- parser ------------------------------------------------------------------------------

@@ -183,3 +183,15 @@ def test_dim_spec_validation_and_expressions():
         eval_dim("width/8", {"width": 60})
     with pytest.raises(ConfigError, match="vae_decoder variant must be one of"):
         vae_decoder_spec(TINY, "middle")
+
+
+def test_graph_keys_are_values():
+    from easyanimate_rt.errors import ConfigError
+    from easyanimate_rt.export.spec import GraphKey, encoder_key
+
+    key = GraphKey.parse("vae_decoder/first")
+    assert key == GraphKey("vae_decoder", "first") and str(key) == "vae_decoder/first" and key.choice == "vae"
+    assert GraphKey.parse("dit_cache/head").choice == "dit" and str(GraphKey.parse("dit")) == "dit"
+    assert str(encoder_key(1)) == "vae_encoder/image" and str(encoder_key(8)) == "vae_encoder/slice"
+    with pytest.raises(ConfigError, match="unknown graph 'unet'"):
+        GraphKey.parse("unet")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from ..errors import InputError
-from ..export.spec import MAX_PROMPTS, ExportSpec, Profile, decoder_variant
+from ..export.spec import MAX_PROMPTS, ExportSpec, GraphKey, Profile, decoder_variant, encoder_key
 from ..reference.config import ModelConfig
 
 GUIDANCE = ("batched", "sequential")
@@ -120,10 +120,10 @@ def bucket_shapes(config: ModelConfig, bucket: Bucket, guidance: str = "batched"
         dims[f"vae_decoder/{decoder_variant(config, s)}"] = {"batch": 1, "height": h, "width": w}
     if image_to_video:
         for a, b in config.vae.frame_slices(bucket.frames):
-            variant = "image" if b - a == 1 else "slice"
-            dims[f"vae_encoder/{variant}"] = {"batch": 1, "height": bucket.height, "width": bucket.width}
+            dims[str(encoder_key(b - a))] = {"batch": 1, "height": bucket.height, "width": bucket.width}
     p = config.dit.patch_size
-    low = {k: {"batch": one} for k in dims if batch > one and (k == "text_encoder" or k.startswith("dit"))}
+    # the graphs a prompt batch widens: the text encoder and the DiT (whole or split)
+    low = {k: {"batch": one} for k in dims if batch > one and GraphKey.parse(k).choice in ("text_encoder", "dit")}
     return BucketShapes(bucket, dims, lf * (h // p) * (w // p), low)
 
 

@@ -19,21 +19,9 @@ import os
 
 from ..errors import InputError
 from ..reference.config import ModelConfig
-from ..reference.request import GenerationRequest
+from ..reference.request import GenerationRequest, dit_tokens, token_counts as _tokens  # noqa: F401
 
 FLOAT = 4
-
-
-def _tokens(config: ModelConfig, height: int, width: int, frames: int) -> tuple[int, int, int]:
-    s, p = config.vae.spatial_compression, config.dit.patch_size
-    latent = config.vae.latent_frames(frames)
-    spatial = (height // s // p) * (width // s // p)
-    return latent, spatial, latent * spatial
-
-
-def dit_tokens(config: ModelConfig, req: GenerationRequest) -> tuple[int, int, int]:
-    """(latent frames, spatial tokens per frame, total tokens) of the DiT at ``req``."""
-    return _tokens(config, req.height, req.width, req.frames)
 
 
 def parameter_count(config: ModelConfig) -> int:

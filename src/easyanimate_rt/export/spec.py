@@ -66,6 +66,9 @@ SPEC_FORMAT = 1
 NETWORKS = ("text_encoder", "dit", "vae_encoder", "vae_decoder")
 CACHE_NETWORK = "dit_cache"  # dit_cache/head + dit_cache/tail (step caching), exported only when asked for
 ENCODER_VARIANTS = ("image", "slice")
+#: which network's backend choice (``--backend dit=...,vae=...``) each exported network follows
+CHOICE_OF = {"text_encoder": "text_encoder", "dit": "dit", "dit_cache": "dit", "vae_encoder": "vae",
+             "vae_decoder": "vae"}
 DECODER_VARIANTS = ("interior", "first", "last", "single", "lone")  # slice-mode VAEs
 CHUNK_DECODER_VARIANTS = ("chunk", "lone")  # chunked (V2) VAEs
 
@@ -563,3 +566,35 @@ def spec_of(config: ModelConfig, key: str, precision: str = "fp32") -> ExportSpe
         if spec.key == key:
             return spec
     raise ConfigError(f"{config.name} has no graph {key!r}")
+
+
+@dataclass(frozen=True, order=True)
+class GraphKey:
+    """One exported graph as a value: its network and variant ("" for none). Its string,
+    ``vae_decoder/first`` or ``dit``, names its folder and its manifest entry."""
+
+    network: str
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, key: "str | GraphKey") -> "GraphKey":
+        if isinstance(key, GraphKey):
+            return key
+        network, _, variant = str(key).partition("/")
+        if network not in CHOICE_OF:
+            raise ConfigError(f"unknown graph {key!r}; networks are {sorted(CHOICE_OF)}")
+        return cls(network, variant)
+
+    @property
+    def choice(self) -> str:
+        """The network whose backend this graph runs on: text_encoder, dit or vae."""
+        return CHOICE_OF[self.network]
+
+    def __str__(self) -> str:
+        return f"{self.network}/{self.variant}" if self.variant else self.network
+
+
+def encoder_key(frames: int) -> GraphKey:
+    """The VAE encoder graph of one slice of ``frames`` frames: a lone frame is encoded as
+    an image, the rest as 8-frame slices (DESIGN.md 1.2)."""
+    return GraphKey("vae_encoder", "image" if frames == 1 else "slice")

@@ -16,7 +16,6 @@ S text tokens, E text width.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,22 +23,15 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..media import from_uint8, save_video, to_uint8
-from .request import GUIDANCE_MODES, GenerationRequest, default_request  # noqa: F401 (re-exported)
+from ..media import from_uint8, to_uint8
+from .request import GUIDANCE_MODES, GenerationRequest, Video, default_request, dit_tokens  # noqa: F401
 from .samplers import make_sampler
 from .schedule import SeededNoise, nonfinite_error
 from .weights import EasyAnimateModel, load_model_or_preset
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class GenerationResult:
-    frames: np.ndarray  # (F, H, W, 3) uint8
-    fps: int
-    latents: torch.Tensor  # (1, C, F', H', W') final latents (scaled)
-
-    def save(self, path: str | Path) -> Path:
-        return save_video(self.frames, path, self.fps)
+GenerationResult = Video  # the reference's result is the runtime's type (reference/request.py)
 
 
 StepCallback = Callable[[int, int], None]
@@ -205,15 +197,46 @@ class ReferencePipeline:
         for chunk in vae.iter_decode(latents.to(next(vae.parameters()).dtype)):
             yield to_uint8(chunk[0])
 
-    def generate(self, prompt: str, callback: StepCallback | None = None, **kwargs) -> GenerationResult:
+    def generate(self, prompt: str, callback: StepCallback | None = None, **kwargs) -> Video:
         req = self.request(prompt, **kwargs)
         return self.run(req, callback)
 
-    def run(self, req: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+    def run(self, req: GenerationRequest, callback: StepCallback | None = None) -> Video:
+        return self._run(req, callback, None)
+
+    def generate_to(self, path: str | Path, req: GenerationRequest, callback: StepCallback | None = None,
+                    max_tokens: int | None = None) -> Video:
+        """Generate ``req`` and stream its frames into ``path`` slice by slice (the file
+        appears complete or not at all): the runtime Pipeline's call, the same result."""
+        from ..media import VideoWriter, check_output_path
+
+        check_output_path(path)
         req.validate(self.config)
+        tokens = dit_tokens(self.config, req)[2]
+        if max_tokens is not None and tokens > max_tokens:
+            raise InputError(f"{req.height}x{req.width}x{req.frames} is {tokens:,} DiT tokens, over the limit of "
+                             f"{max_tokens:,} (--max-tokens)")
+        with VideoWriter(path, self.config.sampling.fps) as writer:
+            video = self._run(req, callback, writer.write)
+        video.path = Path(path)
+        return video
+
+    def _run(self, req: GenerationRequest, callback: StepCallback | None, sink) -> Video:
+        """Text, loop, decode; each decoded slice to ``sink`` (or kept, without one)."""
+        import time
+
+        req.validate(self.config)
+        timings: dict = {}
+        t = time.perf_counter()
         emb, mask = self.encode_prompt(req.prompt, req.negative_prompt)
+        timings["text"], t = time.perf_counter() - t, time.perf_counter()
         latents = self.denoise(req, emb, mask, callback)
-        frames = np.concatenate(list(self.iter_frames(latents)), axis=0)
-        return GenerationResult(frames=frames, fps=self.config.sampling.fps, latents=latents)
+        timings["denoise"], t = time.perf_counter() - t, time.perf_counter()
+        chunks = []
+        for chunk in self.iter_frames(latents):
+            chunks.append(chunk) if sink is None else sink(chunk)
+        timings["decode"] = time.perf_counter() - t
+        frames = np.concatenate(chunks, axis=0) if chunks else None
+        return Video(frames=frames, fps=self.config.sampling.fps, latents=latents, timings=timings)
 
     __call__ = generate

@@ -5,11 +5,13 @@ naming the rule and the value."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..media import save_video
 from .config import ModelConfig
 from .schedule import check_sampler, check_seed, training_schedule
 
@@ -117,3 +119,35 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return a is b or (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b))
     return a == b
+
+
+@dataclass
+class Video:
+    """What a pipeline gives for one request, the reference's and the runtime's alike:
+    the frames (None when they were streamed to ``path``), the fps, the final latents (the
+    pipeline's own arrays: a torch tensor from the reference, numpy from the runtime) and
+    the seconds per stage (``timings``)."""
+
+    frames: np.ndarray | None  # (F, H, W, 3) uint8
+    fps: int
+    latents: Any = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def save(self, path: str | Path) -> Path:
+        if self.frames is None:
+            raise InputError("this video was streamed to a file; it holds no frames to save")
+        return save_video(self.frames, path, self.fps)
+
+
+def token_counts(config: ModelConfig, height: int, width: int, frames: int) -> tuple[int, int, int]:
+    """(latent frames, spatial tokens per frame, total tokens) of the DiT at this size."""
+    s, p = config.vae.spatial_compression, config.dit.patch_size
+    latent = config.vae.latent_frames(frames)
+    spatial = (height // s // p) * (width // s // p)
+    return latent, spatial, latent * spatial
+
+
+def dit_tokens(config: ModelConfig, req: GenerationRequest) -> tuple[int, int, int]:
+    """(latent frames, spatial tokens per frame, total tokens) of the DiT at ``req``."""
+    return token_counts(config, req.height, req.width, req.frames)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..errors import InputError
+from ..export.spec import GraphKey
 from .backends import NAMES, choose_auto, require
 from .backends import backend as backend_entry
 
@@ -89,7 +90,7 @@ def resolve_device(device: str, cpu_backend: bool = False) -> str:
 
 def network_of(key: str) -> str:
     """The backend choice a graph follows: ``vae_decoder/first`` -> vae, ``dit_cache/head`` -> dit."""
-    return "vae" if key.startswith("vae") else "dit" if key.startswith("dit") else key
+    return GraphKey.parse(key).choice
 
 
 def _check_cuda(device: str) -> None:

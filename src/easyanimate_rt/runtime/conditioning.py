@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..export.spec import encoder_key
 from ..reference.config import ModelConfig
 from ..reference.request import GenerationRequest
 from .denoiser import Conditioning
@@ -47,7 +48,7 @@ def inpaint_latents(config: ModelConfig, req: GenerationRequest, engine: Callabl
     def encode(x: np.ndarray) -> np.ndarray:
         parts = []
         for a, b in config.vae.frame_slices(req.frames):
-            encoder = engine(f"vae_encoder/{'image' if b - a == 1 else 'slice'}")
+            encoder = engine(str(encoder_key(b - a)))
             parts.append(to_host(encoder.run({"frames": np.ascontiguousarray(x[:, :, a:b])})["latents"]))
         return np.concatenate(parts, axis=2)
 

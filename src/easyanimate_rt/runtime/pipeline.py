@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,9 +33,9 @@ from ..engines.buckets import Bucket
 from ..engines.cache import EngineCache
 from ..errors import InputError
 from ..export.spec import MAX_PROMPTS, decoder_variant
-from ..media import VideoWriter, check_output_path, frames_to_uint8, save_video
+from ..media import VideoWriter, check_output_path, frames_to_uint8
 from ..reference.config import ModelConfig
-from ..reference.request import GenerationRequest, check_batch, default_request
+from ..reference.request import GenerationRequest, Video, check_batch, default_request
 from .backends import backend as backend_entry
 from .choice import NETWORKS, parse_backend, resolve_backends, resolve_device, torch_dtype, uses_torch  # noqa: F401
 from .conditioning import conditioning
@@ -47,20 +46,6 @@ from .source import ModelSource, read_config  # noqa: F401 (re-exported)
 from .step_cache import CacheSettings, load_rescale
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Video:
-    frames: np.ndarray | None  # (F, H, W, 3) uint8; None when streamed to a file
-    fps: int
-    latents: np.ndarray | None = None
-    timings: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-
-    def save(self, path: str | Path) -> Path:
-        if self.frames is None:
-            raise InputError("this video was streamed to a file; it holds no frames to save")
-        return save_video(self.frames, path, self.fps)
 
 
 class Pipeline:

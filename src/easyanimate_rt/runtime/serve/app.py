@@ -24,7 +24,7 @@ import hmac
 import json
 import re
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -111,12 +111,35 @@ def job_json(job: Job, store: JobStore) -> dict[str, Any]:
 def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key: str | None = None,
                max_queue: int = 64, wake: threading.Event | None = None, metrics: Metrics | None = None,
                info: dict[str, Any] | None = None):
-    VideoRequest = body_model()
+    """The API over ``store``: routes, authorisation (``api_key``), JSON errors."""
     metrics = metrics or Metrics(store)
     app = FastAPI(title="easyanimate-rt", summary="text-to-video jobs on the easyanimate-rt runtime")
+    _error_handlers(app)
 
-    def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "model": config.name, **(info or {})}
+
+    api = APIRouter(dependencies=[Depends(_authoriser(api_key))])
+    _submit_route(api, store, config, limits, max_queue, wake)
+    _job_routes(api, store)
+
+    @api.get("/metrics")
+    def prometheus():
+        data, kind = metrics.render()
+        return Response(data, media_type=kind)
+
+    app.include_router(api)
+    return app
+
+
+def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def _error_handlers(app) -> None:
+    """Every error as JSON ``{"error": {"type", "message"}}``: the package's errors by class
+    (ERRORS), routing errors (404, 405) and FastAPI's validation errors (400)."""
 
     @app.exception_handler(EasyAnimateError)
     async def known(_, exc: EasyAnimateError):
@@ -139,6 +162,11 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
         return error(400, "invalid_request", f"{where}: {first.get('msg')}, got {shown(first.get('input'))}")
 
+
+def _authoriser(api_key: str | None) -> Callable[[Request], None]:
+    """The routes' dependency: nothing without a key; else Bearer or X-API-Key, compared
+    in constant time."""
+
     def authorised(request: Request) -> None:
         if api_key is None:
             return
@@ -149,40 +177,41 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
         if not hmac.compare_digest(token.encode(), api_key.encode()):
             raise Unauthorized("the API key is wrong")
 
-    def find(job_id: str) -> Job:
-        job = store.get(job_id)  # an id that is not vid_ + 24 hex digits is never looked up
-        if job is None:
-            raise NotFound(f"no job with id {job_id!r}")
-        return job
+    return authorised
 
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok", "model": config.name, **(info or {})}
 
-    api = APIRouter(dependencies=[Depends(authorised)])
+async def _read_body(request: Request, limits: Limits) -> dict:
+    """The request's JSON object, its size and nesting bounded before it is parsed."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limits.max_body_bytes:
+        raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit), "
+                       f"got {length}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit)")
+    # as few brackets as the limit cannot nest past it: an ordinary body skips the scan (a Python loop)
+    depth = nesting_depth(bytes(body)) if body.count(b"[") + body.count(b"{") > MAX_DEPTH else 0
+    if depth > MAX_DEPTH:
+        raise InputError(f"the request body must nest JSON arrays and objects at most {MAX_DEPTH} levels deep, "
+                         f"got {depth}")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        raise InputError(f"the request body must be JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _submit_route(api, store: JobStore, config: ModelConfig, limits: Limits, max_queue: int,
+                  wake: threading.Event | None) -> None:
+    VideoRequest = body_model()
 
     @api.post("/v1/videos", status_code=202)
     async def submit(request: Request):
-        length = request.headers.get("content-length")
-        if length is not None and length.isascii() and length.isdigit() and int(length) > limits.max_body_bytes:
-            raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit), "
-                           f"got {length}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise TooLarge(f"the request body must be at most {limits.max_body_bytes} bytes (server limit)")
-        # as few brackets as the limit cannot nest past it: an ordinary body skips the scan (a Python loop)
-        depth = nesting_depth(bytes(body)) if body.count(b"[") + body.count(b"{") > MAX_DEPTH else 0
-        if depth > MAX_DEPTH:
-            raise InputError(f"the request body must nest JSON arrays and objects at most {MAX_DEPTH} levels deep, "
-                             f"got {depth}")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
-            raise InputError(f"the request body must be JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"the request body must be a JSON object, got {type(data).__name__}")
+        data = await _read_body(request, limits)
         try:
             fields = VideoRequest.model_validate(data).model_dump()
         except ValidationError as exc:
@@ -199,6 +228,16 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
             wake.set()
         return JSONResponse(job_json(job, store), status_code=202 if created else 200,
                             headers={"Location": f"/v1/videos/{job.id}"})
+
+
+def _job_routes(api, store: JobStore) -> None:
+    """Listing, status, progress events, content, cancel and delete of the stored jobs."""
+
+    def find(job_id: str) -> Job:
+        job = store.get(job_id)  # an id that is not vid_ + 24 hex digits is never looked up
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        return job
 
     @api.get("/v1/videos")
     def listing(limit: int = 20, after: str | None = None, status: str | None = None) -> dict:
@@ -221,24 +260,7 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
     @api.get("/v1/videos/{job_id}/events")
     async def events(job_id: str, request: Request):
         await run_in_threadpool(find, job_id)
-
-        async def stream():
-            last = None
-            while True:
-                job = await run_in_threadpool(store.get, job_id)
-                if job is None:
-                    yield {"event": "deleted", "data": json.dumps({"id": job_id})}
-                    return
-                record = job_json(job, store)
-                seen = (job.status, job.step, record["queue_position"])
-                if seen != last:
-                    last = seen
-                    yield {"event": job.status if job.status in FINAL else "progress", "data": json.dumps(record)}
-                if job.status in FINAL or await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.05)
-
-        return EventSourceResponse(stream())
+        return EventSourceResponse(_event_stream(store, job_id, request))
 
     @api.get("/v1/videos/{job_id}/content")
     def content(job_id: str):
@@ -265,10 +287,20 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
             raise NotFound(f"no job with id {job_id!r}")
         return {"id": job_id, "object": "video", "deleted": True}
 
-    @api.get("/metrics")
-    def prometheus():
-        data, kind = metrics.render()
-        return Response(data, media_type=kind)
 
-    app.include_router(api)
-    return app
+async def _event_stream(store: JobStore, job_id: str, request: Request):
+    """Server-sent events: one per change of status, step or queue position, to the end."""
+    last = None
+    while True:
+        job = await run_in_threadpool(store.get, job_id)
+        if job is None:
+            yield {"event": "deleted", "data": json.dumps({"id": job_id})}
+            return
+        record = job_json(job, store)
+        seen = (job.status, job.step, record["queue_position"])
+        if seen != last:
+            last = seen
+            yield {"event": job.status if job.status in FINAL else "progress", "data": json.dumps(record)}
+        if job.status in FINAL or await request.is_disconnected():
+            return
+        await asyncio.sleep(0.05)
