@@ -350,3 +350,55 @@ def test_step_is_cuda_graph_capturable(name):
     scale = max(1.0, x_ref.abs().max().item())
     torch.testing.assert_close(x_in, in_ref, atol=1e-5 * scale, rtol=0)
     torch.testing.assert_close(x, x_ref, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("clip", [1.0, 1.5])
+@pytest.mark.parametrize("num_steps", (7, 25))
+def test_ddim_clip_sample_matches_diffusers(clip, num_steps):
+    """Upstream runs diffusers' DDIMScheduler with its default clip_sample=True (range
+    1.0): x0 clamped every step. DATA reaches +-2, so the clamp is active (the check can
+    fail: without it the trajectories differ by far more than the tolerance)."""
+    diffusers = require("diffusers")
+    ours = make_sampler("ddim", num_steps, NoiseSchedule(clip_sample=clip))
+    plain = make_sampler("ddim", num_steps)
+    theirs = diffusers.DDIMScheduler(**TRAIN, clip_sample=True, clip_sample_range=clip)
+    theirs.set_timesteps(num_steps)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    x_a = x_b = x_p = latents
+    worst = 0.0
+    for i in range(num_steps):
+        t = theirs.timesteps[i]
+        x_a = ours.step(i, x_a, fake_model(x_a, t))
+        x_b = theirs.step(fake_model(x_b, t), t, x_b).prev_sample
+        x_p = plain.step(i, x_p, fake_model(x_p, t))
+        worst = max(worst, (x_a - x_b).abs().max().item())
+    assert worst <= TOL["closed_loop_abs"], f"clip {clip} x{num_steps}: max abs diff {worst:.3g}"
+    assert x_a.abs().max() <= clip + 1e-6  # the last step returns the clamped x0
+    assert (x_a - x_p).abs().max() > 0.1  # without the clamp the result is elsewhere
+
+
+def test_ddim_clip_sample_is_the_same_on_numpy_and_torch():
+    import numpy as np
+
+    from easyanimate_rt.reference.schedule import NumpySampler, training_schedule
+
+    ours = make_sampler("ddim", 10, NoiseSchedule(clip_sample=1.0))
+    host = NumpySampler("ddim", 10, training_schedule(clip_sample=1.0))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * 3
+    xn = x.numpy()
+    for i in range(10):
+        eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(10 + i))
+        x, xn = ours.step(i, x, eps), host.step(i, xn, eps.numpy())
+        np.testing.assert_allclose(xn, x.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_clip_sample_is_a_checked_config_field():
+    from easyanimate_rt.errors import ConfigError
+    from easyanimate_rt.reference.config import SamplingDefaults, from_preset
+
+    assert from_preset("v3-512").sampling.clip_sample == 1.0 and from_preset("v2-512").sampling.clip_sample == 1.0
+    assert from_preset("shapes").sampling.clip_sample is None  # our own models: no clamp unless asked
+    for bad in (0, -1.0, float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match="clip_sample must be a positive number"):
+            SamplingDefaults(clip_sample=bad)

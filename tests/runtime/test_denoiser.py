@@ -131,3 +131,25 @@ def test_step_caching_on_the_gpu_equals_the_cpu(model):
 
 def test_conditioning_defaults_to_none():
     assert Conditioning().inpaint is None and Conditioning().clip is None
+
+
+def test_ddim_with_the_x0_clamp_runs_the_same_on_the_runtime_loop(model):
+    """A model whose sampling config clamps DDIM's x0 (the release presets, as upstream):
+    the reference and the runtime loop (host and device arrays) take it from the config."""
+    import dataclasses
+
+    clamped = dataclasses.replace(model.config, sampling=model.config.sampling.replace(clip_sample=1.0))
+    original = model.config
+    model.config = clamped
+    try:
+        ref = ReferencePipeline(model)
+        req = ref.request("a red circle", steps=6, sampler="ddim", seed=4, frames=9, height=32, width=32)
+        want = ref.denoise(req, *ref.encode_prompt(req.prompt, req.negative_prompt)).numpy()
+        emb, mask = encoded(ref, req)
+        for arrays in (HostArrays(), DeviceArrays("cpu")):
+            got = Denoiser.on_model(model, arrays).run([req], emb, mask).latents
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    finally:
+        model.config = original
+    plain = Denoiser.on_model(model, HostArrays()).run([req], emb, mask).latents
+    assert np.abs(plain - want).max() > 1e-3  # the clamp changed the trajectory

@@ -400,6 +400,16 @@ class SamplingDefaults(_Serialisable):
     guidance_scale: float = 6.0
     sampler: str = "dpm++"
     negative_prompt: str = ""
+    # DDIM clamps its predicted x0 to [-clip_sample, clip_sample] (diffusers' DDIMScheduler
+    # clip_sample / clip_sample_range); None: no clamp. Upstream builds DDIMScheduler(**yaml
+    # kwargs) without clip_sample, so diffusers' default (True, range 1.0) runs: the release
+    # presets set 1.0.
+    clip_sample: float | None = None
+
+    def __post_init__(self) -> None:
+        c = self.clip_sample
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
+            raise ConfigError(f"SamplingDefaults.clip_sample must be a positive number or null, got {c!r}")
 
 
 @dataclass(frozen=True)
@@ -495,23 +505,23 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "v2-512": ModelConfig(
         name="v2-512", vae=_V2_VAE, dit=_V2_DIT,
-        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0),
+        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0, clip_sample=1.0),
     ),
     "v2-768": ModelConfig(
         name="v2-768", vae=_V2_VAE, dit=_V2_DIT.replace(sample_size=96),
-        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0),
+        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0, clip_sample=1.0),
     ),
     "v3-512": ModelConfig(
         name="v3-512", dit=_V3_DIT,
-        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=25, guidance_scale=7.0),
+        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=25, guidance_scale=7.0, clip_sample=1.0),
     ),
     "v3-768": ModelConfig(
         name="v3-768", dit=_V3_DIT.replace(sample_size=96),
-        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0),
+        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0, clip_sample=1.0),
     ),
     "v3-960": ModelConfig(
         name="v3-960", dit=_V3_DIT.replace(sample_size=120),
-        sampling=SamplingDefaults(height=960, width=960, frames=144, fps=24, steps=25, guidance_scale=7.0),
+        sampling=SamplingDefaults(height=960, width=960, frames=144, fps=24, steps=25, guidance_scale=7.0, clip_sample=1.0),
     ),
 }
 

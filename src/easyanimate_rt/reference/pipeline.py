@@ -25,7 +25,7 @@ import torch
 from ..errors import InputError
 from ..media import from_uint8, to_uint8
 from .request import GUIDANCE_MODES, GenerationRequest, Video, default_request, dit_tokens  # noqa: F401
-from .samplers import make_sampler
+from .samplers import NoiseSchedule, make_sampler
 from .schedule import SeededNoise, nonfinite_error
 from .weights import EasyAnimateModel, load_model_or_preset
 
@@ -138,7 +138,8 @@ class ReferencePipeline:
         dtype = dit.proj_out.weight.dtype
         c = self.config.vae.latent_channels
         noise_of = SeededNoise(req.seed)
-        sampler = make_sampler(req.sampler, req.steps, device=self.device)
+        sampler = make_sampler(req.sampler, req.steps, NoiseSchedule(clip_sample=self.config.sampling.clip_sample),
+                               device=self.device)
         shape = req.latent_shape(self.config)
         x = (torch.from_numpy(noise_of(shape)) * sampler.init_noise_sigma).to(self.device)
         inpaint = self.inpaint_latents(req)

@@ -59,8 +59,10 @@ class NoiseSchedule:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         steps_offset: int = 1,
+        clip_sample: float | None = None,
     ) -> None:
-        self.tables = schedule.training_schedule(num_train_timesteps, beta_start, beta_end, steps_offset)
+        self.tables = schedule.training_schedule(num_train_timesteps, beta_start, beta_end, steps_offset, clip_sample)
+        self.clip_sample = clip_sample
         self.num_train_timesteps = num_train_timesteps
         self.beta_start = beta_start
         self.beta_end = beta_end
@@ -203,7 +205,10 @@ class DDIMSampler(Sampler):
     step to t - T // N is x' = sqrt(abar') x0 + sqrt(1 - abar') eps with
     x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); folded into x' = a x + b eps. Past
     t = 0 abar' is 1 (diffusers' set_alpha_to_one), so the last step returns x0.
-    No clipping of x0 (clip_sample=False, as EasyAnimate configures it). A step count
+    With a schedule's ``clip_sample`` c (diffusers' clip_sample=True, range c) x0 is
+    clamped to [-c, c] before the update, which then cannot be folded; upstream EasyAnimate
+    runs it so (its DDIMScheduler(**yaml kwargs) never sets clip_sample, and diffusers'
+    default is True, range 1.0), and the release presets set c = 1.0. A step count
     whose first timestep would pass T - 1 (N = T with steps_offset 1) is an InputError
     (schedule.check_sampler: request validation refuses it before any work).
     """

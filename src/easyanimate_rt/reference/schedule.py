@@ -41,10 +41,11 @@ class TrainingSchedule:
     betas: np.ndarray
     alphas_cumprod: np.ndarray
     sigmas: np.ndarray
+    clip_sample: float | None = None  # DDIM clamps its predicted x0 to [-c, c] (diffusers' clip_sample range)
 
 
 def training_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                      steps_offset: int = 1) -> TrainingSchedule:
+                      steps_offset: int = 1, clip_sample: float | None = None) -> TrainingSchedule:
     T = num_train_timesteps
     if not isinstance(T, int) or isinstance(T, bool) or T < 2:
         raise ConfigError(f"num_train_timesteps must be an integer >= 2, got {T!r}")
@@ -53,6 +54,8 @@ def training_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                           f"beta_end={beta_end!r}")
     if not isinstance(steps_offset, int) or steps_offset < 0:
         raise ConfigError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
+    if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and 0 < clip_sample < float("inf")):
+        raise ConfigError(f"clip_sample must be a positive number or None, got {clip_sample!r}")
     start, end = np.float32(beta_start), np.float32(beta_end)
     step = np.float32((end - start) / np.float32(T - 1))
     i = np.arange(T)
@@ -61,7 +64,8 @@ def training_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
     betas = np.where(i < T // 2, low, high)
     abar = np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
     sigmas = np.sqrt((np.float32(1.0) - abar) / abar)
-    return TrainingSchedule(T, beta_start, beta_end, steps_offset, betas, abar, sigmas)
+    return TrainingSchedule(T, beta_start, beta_end, steps_offset, betas, abar, sigmas,
+                            None if clip_sample is None else float(clip_sample))
 
 
 def _linspace64(stop: float, num: int) -> np.ndarray:
@@ -97,7 +101,8 @@ def _ddim_check(s: TrainingSchedule, N: int) -> None:
 
 
 def _ddim(s: TrainingSchedule, N: int):
-    """DDIM, eta 0, "leading" spacing; x' = a x + b eps (see samplers.DDIMSampler)."""
+    """DDIM, eta 0, "leading" spacing; x' = a x + b eps (see samplers.DDIMSampler), or
+    through the clamped x0 when the schedule has ``clip_sample``."""
     _ddim_check(s, N)
     ratio = s.num_train_timesteps // N
     t = np.arange(N - 1, -1, -1, dtype=np.int64) * ratio + s.steps_offset
@@ -107,7 +112,14 @@ def _ddim(s: TrainingSchedule, N: int):
     abar_prev = np.where(prev >= 0, abar[np.clip(prev, 0, None)], 1.0)
     a = np.sqrt(abar_prev / abar_t)
     b = np.sqrt(1 - abar_prev) - np.sqrt(abar_prev * (1 - abar_t) / abar_t)
-    return t, np.stack([a, b], axis=1), 1.0
+    if s.clip_sample is None:
+        return t, np.stack([a, b], axis=1), 1.0
+    # Clamping x0 cannot fold into a x + b eps: the step goes through x0 (as diffusers'
+    # DDIMScheduler with clip_sample=True): x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+    # clamped to [-c, c]; x' = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps.
+    c = np.full(N, s.clip_sample)
+    return t, np.stack([a, b, np.sqrt(abar_t), np.sqrt(1 - abar_t), np.sqrt(abar_prev), np.sqrt(1 - abar_prev), c],
+                       axis=1), 1.0
 
 
 def _euler_sigmas(s: TrainingSchedule, N: int):
@@ -162,7 +174,10 @@ def _dpm(s: TrainingSchedule, N: int):
 
 
 def _ddim_step(c, x, eps, noise, prev):
-    return c[0] * x + c[1] * eps, None
+    if len(c) == 2:  # no clamp: one fused update
+        return c[0] * x + c[1] * eps, None
+    x0 = ((x - c[3] * eps) / c[2]).clip(-c[6], c[6])  # numpy and torch both have .clip
+    return c[4] * x0 + c[5] * eps, None
 
 
 def _euler_step(c, x, eps, noise, prev):

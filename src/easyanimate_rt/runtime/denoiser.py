@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InputError
 from ..reference.config import ModelConfig
 from ..reference.request import GenerationRequest
-from ..reference.schedule import NumpySampler, SeededNoise, nonfinite_error
+from ..reference.schedule import NumpySampler, SeededNoise, nonfinite_error, training_schedule
 from .engine import Engine, to_host
 from .loop_state import LoopState, request_key
 from .step_cache import CacheSettings, StepCache, rel_l1
@@ -65,8 +65,8 @@ class Checkpoints:
 class HostArrays:
     """numpy on the CPU: the loop the CPU runtime has always run, operation for operation."""
 
-    def sampler(self, name: str, steps: int) -> NumpySampler:
-        return NumpySampler(name, steps)
+    def sampler(self, name: str, steps: int, clip_sample: float | None = None) -> NumpySampler:
+        return NumpySampler(name, steps, training_schedule(clip_sample=clip_sample))
 
     def put(self, a: np.ndarray) -> np.ndarray:
         return a
@@ -112,10 +112,10 @@ class DeviceArrays:
         self.torch = torch
         self.device = torch.device(device)
 
-    def sampler(self, name: str, steps: int):
-        from ..reference.samplers import make_sampler
+    def sampler(self, name: str, steps: int, clip_sample: float | None = None):
+        from ..reference.samplers import NoiseSchedule, make_sampler
 
-        return make_sampler(name, steps, device=self.device)
+        return make_sampler(name, steps, NoiseSchedule(clip_sample=clip_sample), device=self.device)
 
     def put(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -230,7 +230,7 @@ class Denoiser:
         c, g = self.config.vae.latent_channels, req.guidance_scale
         guidance = "batched" if req.guidance_mode == "batched" and g != 1.0 else "sequential"
         cache = StepCache(self.step_cache, req.steps) if self.step_cache.enabled else None
-        sampler = A.sampler(req.sampler, req.steps)
+        sampler = A.sampler(req.sampler, req.steps, self.config.sampling.clip_sample)
         streams = [SeededNoise(r.seed) for r in reqs]
         shape = req.latent_shape(self.config)
 
