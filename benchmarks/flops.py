@@ -133,7 +133,7 @@ def dit_flops(config: DiTConfig, batch: int, frames: int, height: int, width: in
         # One row per sample, widened to clip_tokens tokens at once (a (T*D)^2 second linear).
         wide = config.clip_tokens * d
         other += _linear(batch, config.clip_channels, wide) + _linear(batch, wide, wide)
-    other += config.num_skips * _linear(rows, d, d)
+    other += config.skip_plan[2] * _linear(rows, d, d)  # the skips that are taken (upstream keeps 13 fc)
     other += _linear(rows, d, p * p * config.out_channels)
     parts["other"] = other
     return {**parts, "total": sum(parts.values()), "tokens": float(n)}

@@ -130,6 +130,25 @@ def test_long_skips_wiring():
     check_close(ins[3], outs[2], "reference_exact")  # the middle blocks get no skip
 
 
+@torch.no_grad()
+def test_upstream_skip_wiring_at_another_depth():
+    """Upstream's wiring (reference/config.DiTConfig.skip_plan): 13 fc layers whatever the
+    depth, blocks 0..12 kept, block 15 + k adds fc[k] of block 12 - k's output."""
+    cfg = TINY.replace(num_layers=17, skip_wiring="upstream")
+    assert cfg.num_skips == 13 and cfg.skip_plan == (13, 15, 2)
+    model = VideoDiT(cfg).eval()
+    _randomise(model)
+    outs, ins = {}, {}
+    for i, blk in enumerate(model.transformer_blocks):
+        blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
+        blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.clone()))
+    model(*_inputs(frames=2))
+    for k in range(2):
+        check_close(ins[15 + k], outs[14 + k] + model.long_connect_fc[k](outs[12 - k]), "reference_exact")
+    check_close(ins[13], outs[12], "reference_exact")  # blocks 13 and 14 take none
+    check_close(ins[14], outs[13], "reference_exact")
+
+
 def test_release_parameter_count():
     cfg = from_preset("v2-512").dit
     with torch.device("meta"):

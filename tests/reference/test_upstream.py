@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyanimate_rt.errors import CheckpointError
+from easyanimate_rt.errors import CheckpointError, ConfigError
 from easyanimate_rt.reference.config import PRESETS, VAEConfig, from_preset
 from easyanimate_rt.reference.upstream import dit_fields, infer_preset, upstream_config, vae_fields
 from easyanimate_rt.reference.vae import SliceVAE
@@ -72,7 +72,7 @@ def test_motion_module_keys_in_a_config_decide_the_version(tmp_path):
     assert fields["temporal_block_size"] == 1 and fields["inpaint_channels"] == 8 and fields["clip_channels"] == 768
     assert infer_preset(tmp_path, fields, {}) == "v3-512"
     grid = dit_fields(tmp_path / "c.json", {"motion_module_type": "VanillaGrid"})
-    assert grid == {"temporal_block_size": 2}
+    assert grid == {"temporal_block_size": 2, "skip_wiring": "upstream"}
 
 
 def test_a_preset_of_another_release_is_refused(tmp_path):
@@ -167,7 +167,8 @@ def _write(model, root):
 
 
 def test_stray_weights_are_an_error_and_training_only_ones_are_ignored(tmp_path):
-    model = random_model(from_preset("tiny"))
+    tiny = from_preset("tiny")
+    model = random_model(tiny.replace(dit=tiny.dit.replace(skip_wiring="upstream")))  # as upstream saves it: 13 skips
     vae_state = {k: v.clone() for k, v in model.vae.state_dict().items()}
     # tiny's VAE has layers_per_block 1 but a 2-res-block mid block; a file saying
     # layers_per_block 1 means upstream's rule (one res-block, no attention), so the
@@ -191,3 +192,33 @@ def test_a_broken_config_file_names_the_file(tmp_path):
     (root / "vae" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"vae/config\.json is not valid JSON"):
         upstream_config(root)
+
+
+def test_upstream_checkpoints_of_other_depths_keep_upstreams_skip_wiring(tmp_path):
+    """Upstream always builds 13 long_connect_fc and wires blocks 0-12 into blocks 15
+    onward; an upstream directory of depth 24 loads with that wiring (13 weights, blocks
+    15..23 taking skips of blocks 12..4), and enable_uvit false is honoured, not matched."""
+    from easyanimate_rt.reference.config import DiTConfig
+
+    d24 = _dir(tmp_path / "d24v2", dict(DIT_JSON, num_layers=24), V2_VAE_JSON)
+    cfg = upstream_config(d24).dit
+    assert cfg.skip_wiring == "upstream" and cfg.num_skips == 13 and cfg.skip_plan == (13, 15, 9)
+    off = _dir(tmp_path / "off", dict(DIT_JSON, num_layers=24, enable_uvit=False), V2_VAE_JSON)
+    assert upstream_config(off, preset="v2-512").dit.num_skips == 0  # was refused against the preset
+    # ours keep theirs; upstream's wiring cannot go past 28 blocks (it would pop 14 skips)
+    assert DiTConfig(num_layers=24).skip_plan == (11, 13, 11)
+    with pytest.raises(ConfigError, match="at most 28 with upstream's skip wiring"):
+        DiTConfig(num_layers=30, skip_wiring="upstream")
+
+
+def test_a_clash_names_the_preset_only_when_one_was_passed(tmp_path):
+    grid_v3 = dict(DIT_JSON, in_channels=12, basic_block_type="global_motionmodule", motion_module_type="VanillaGrid",
+                   motion_module_kwargs_even={"num_attention_heads": 16})
+    odd = _dir(tmp_path / "odd", grid_v3, V3_VAE_JSON)
+    with pytest.raises(CheckpointError, match=r"describes another release than preset 'v3-512' "
+                                              r"\(temporal_block_size: file 2, preset 1\)"):
+        upstream_config(odd, preset="v3-512")
+    with pytest.raises(CheckpointError, match=r"matches no EasyAnimate release: its files point to 'v3-512', but "
+                                              r"temporal_block_size: file 2, release 1; pass --preset") as err:
+        upstream_config(odd)  # no preset given: the message does not say one was
+    assert "than preset" not in str(err.value)

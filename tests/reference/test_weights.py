@@ -22,6 +22,18 @@ def tiny_model():
     return model
 
 
+@pytest.fixture(scope="module")
+def upstream_tiny():
+    """tiny as upstream builds it: upstream's skip wiring (13 long_connect_fc whatever the
+    depth), what an upstream directory holds."""
+    model = random_model(TINY.replace(dit=TINY.dit.replace(skip_wiring="upstream")), seed=3)
+    with torch.no_grad():
+        for name, p in model.dit.named_parameters():
+            if "attn_temporal" in name or "long_connect" in name or name.startswith("proj_out"):
+                p.normal_(0, 0.1)
+    return model
+
+
 @torch.no_grad()
 def _outputs(model):
     g = torch.Generator().manual_seed(0)
@@ -64,26 +76,26 @@ def _write_upstream(model, root, drop=None):
     model.text_encoder.save_pretrained(root / "text_encoder", root / "tokenizer")
 
 
-def test_upstream_directory_round_trip(tiny_model, tmp_path):
-    _write_upstream(tiny_model, tmp_path / "up")
+def test_upstream_directory_round_trip(upstream_tiny, tmp_path):
+    _write_upstream(upstream_tiny, tmp_path / "up")
     loaded = load_model(tmp_path / "up", preset="tiny")
-    assert loaded.config.dit == tiny_model.config.dit
-    for a, b in zip(_outputs(loaded), _outputs(tiny_model)):
+    assert loaded.config.dit == upstream_tiny.config.dit
+    for a, b in zip(_outputs(loaded), _outputs(upstream_tiny)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_upstream_missing_key_is_named(tiny_model, tmp_path):
+def test_upstream_missing_key_is_named(upstream_tiny, tmp_path):
     key = "transformer_blocks.1.attn_temporal.temporal_transformer.proj_in.weight"
-    _write_upstream(tiny_model, tmp_path / "up", drop=key)
+    _write_upstream(upstream_tiny, tmp_path / "up", drop=key)
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         load_model(tmp_path / "up", preset="tiny")
 
 
-def test_upstream_scheduler_config_is_read(tiny_model, tmp_path):
+def test_upstream_scheduler_config_is_read(upstream_tiny, tmp_path):
     """scheduler/config.json: its prediction type reaches the DiT config; a schedule the
     samplers do not implement is refused, naming the field."""
     root = tmp_path / "up"
-    _write_upstream(tiny_model, root)
+    _write_upstream(upstream_tiny, root)
     (root / "scheduler").mkdir()
     sched = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
              "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "v_prediction"}

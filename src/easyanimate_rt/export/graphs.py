@@ -63,7 +63,7 @@ def _dit_tail(net, x1, t6, t_emb, text_proj, text_bias):
     b, f, h, w, d = x1.shape
     ctx = StepContext(t6, t_emb, text_proj, text_bias, f, h, w)
     x1 = x1.reshape(b * f, h * w, d)
-    skips = [x1] if net.config.num_skips > 0 else []             # block 0 is the first skip source
+    skips = [x1] if net.config.skip_plan[0] > 0 else []          # block 0 is the first skip source
     x = net.run_blocks(x1, ctx, 1, net.config.num_layers, skips)
     return net.final_layer(x, ctx), _grid(x - x1, f, h, w)
 

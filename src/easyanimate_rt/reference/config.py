@@ -22,6 +22,8 @@ PADDING_MODES = ("slice", "causal")
 SLICINGS = ("slice", "chunk")
 RESAMPLE_TYPES = ("spatial", "spacetime", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+SKIP_WIRINGS = ("symmetric", "upstream")
+UPSTREAM_SKIPS = 13  # upstream builds 13 long_connect_fc whatever the depth
 
 
 class SliceSpec(NamedTuple):
@@ -306,6 +308,11 @@ class DiTConfig(_Serialisable):
     temporal_max_positions: int = 4096
     hybrid_global_attention: bool = False  # V3: odd blocks use global attention
     long_skips: bool = True
+    # How the U-ViT skips are wired (skip_plan): "symmetric" (ours: the first
+    # floor((D-2)/2) blocks feed the last ones in reverse) or "upstream" (EasyAnimate's own
+    # code: always 13 long_connect_fc, blocks 0-12 feed blocks 15 onward in reverse, so at
+    # depth 28 the two agree and an upstream checkpoint of another depth loads as it runs).
+    skip_wiring: str = "symmetric"
     # InP models (the released V3 checkpoints): mask latents + masked-video latents
     # (each in_channels wide) are concatenated to the noisy latents on channels before
     # the patch embedding (upstream in_channels 12 = 3 x 4), and a CLIP image embedding
@@ -325,6 +332,11 @@ class DiTConfig(_Serialisable):
                   "temporal_num_heads", "temporal_block_size", "temporal_max_positions",
                   "motion_norm_groups")
         _choice(self, "dtype", DTYPES)
+        _choice(self, "skip_wiring", SKIP_WIRINGS)
+        if self.long_skips and self.skip_wiring == "upstream" and self.num_layers > UPSTREAM_SKIPS + 15:
+            raise ConfigError(f"DiTConfig.num_layers must be at most {UPSTREAM_SKIPS + 15} with upstream's skip "
+                              f"wiring (blocks 15 onward take one of its {UPSTREAM_SKIPS} skips each), got "
+                              f"{self.num_layers}")
         if self.temporal_block_size not in (1, 2):
             raise ConfigError(f"DiTConfig.temporal_block_size must be 1 or 2, got {self.temporal_block_size}")
         if self.motion_module and self.hidden_size % self.temporal_num_heads:
@@ -385,7 +397,21 @@ class DiTConfig(_Serialisable):
 
     @property
     def num_skips(self) -> int:
-        return (self.num_layers - 2) // 2 if self.long_skips else 0
+        """How many long_connect_fc layers the DiT has."""
+        if not self.long_skips:
+            return 0
+        return UPSTREAM_SKIPS if self.skip_wiring == "upstream" else (self.num_layers - 2) // 2
+
+    @property
+    def skip_plan(self) -> tuple[int, int, int]:
+        """(blocks whose outputs are kept, first block that takes one, how many take one):
+        block ``first + k`` adds ``long_connect_fc[k]`` of the output popped last."""
+        if not self.long_skips:
+            return 0, self.num_layers, 0
+        if self.skip_wiring == "upstream":
+            return min(UPSTREAM_SKIPS, self.num_layers), 15, max(0, min(UPSTREAM_SKIPS, self.num_layers - 15))
+        n = (self.num_layers - 2) // 2
+        return n, self.num_layers - n, n
 
 
 @dataclass(frozen=True)
@@ -476,7 +502,7 @@ _TINY_DIT = DiTConfig(num_layers=4, num_attention_heads=2, attention_head_dim=16
 # 9 frames -> 3 latents. V3: hybrid motion module (global attention in odd blocks), 16
 # temporal heads, the slice VAE, and every released V3 model is InP (12 input channels
 # and a CLIP ViT-L/14 image projection).
-_V2_DIT = DiTConfig(sample_size=64, temporal_num_heads=8, temporal_block_size=1)
+_V2_DIT = DiTConfig(sample_size=64, temporal_num_heads=8, temporal_block_size=1, skip_wiring="upstream")
 _V2_VAE = VAEConfig(padding_mode="causal", slicing="chunk", slice_frames=9)
 _V3_DIT = _V2_DIT.replace(temporal_num_heads=16, hybrid_global_attention=True, inpaint_channels=8,
                           clip_channels=768)
@@ -505,23 +531,28 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     "v2-512": ModelConfig(
         name="v2-512", vae=_V2_VAE, dit=_V2_DIT,
-        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0, clip_sample=1.0),
+        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0,
+                                  clip_sample=1.0),
     ),
     "v2-768": ModelConfig(
         name="v2-768", vae=_V2_VAE, dit=_V2_DIT.replace(sample_size=96),
-        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0, clip_sample=1.0),
+        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0,
+                                  clip_sample=1.0),
     ),
     "v3-512": ModelConfig(
         name="v3-512", dit=_V3_DIT,
-        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=25, guidance_scale=7.0, clip_sample=1.0),
+        sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=25, guidance_scale=7.0,
+                                  clip_sample=1.0),
     ),
     "v3-768": ModelConfig(
         name="v3-768", dit=_V3_DIT.replace(sample_size=96),
-        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0, clip_sample=1.0),
+        sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0,
+                                  clip_sample=1.0),
     ),
     "v3-960": ModelConfig(
         name="v3-960", dit=_V3_DIT.replace(sample_size=120),
-        sampling=SamplingDefaults(height=960, width=960, frames=144, fps=24, steps=25, guidance_scale=7.0, clip_sample=1.0),
+        sampling=SamplingDefaults(height=960, width=960, frames=144, fps=24, steps=25, guidance_scale=7.0,
+                                  clip_sample=1.0),
     ),
 }
 

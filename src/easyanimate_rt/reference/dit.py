@@ -478,19 +478,20 @@ class VideoDiT(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, ctx: "StepContext", start: int, stop: int,
                    skips: list[torch.Tensor]) -> torch.Tensor:
-        """Blocks ``start`` .. ``stop - 1`` with the U-ViT long skips (block k feeds block
-        D-K+(K-1-k)); ``skips`` holds the outputs of the skip sources run so far."""
-        n_skip, depth = self.config.num_skips, self.config.num_layers
+        """Blocks ``start`` .. ``stop - 1`` with the U-ViT long skips (DiTConfig.skip_plan:
+        the first ``sources`` blocks keep their outputs, block ``first + k`` adds
+        ``long_connect_fc[k]`` of the one kept last); ``skips`` holds those run so far."""
+        sources, first, takers = self.config.skip_plan
         for i in range(start, stop):
             blk = self.transformer_blocks[i]
-            if i >= depth - n_skip:
-                x = x + self.long_connect_fc[i - (depth - n_skip)](skips.pop())
+            if first <= i < first + takers:
+                x = x + self.long_connect_fc[i - first](skips.pop())
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(blk, x, ctx.t6, ctx.text, ctx.text_bias, ctx.frames, ctx.h, ctx.w,
                                use_reentrant=False)
             else:
                 x = blk(x, ctx.t6, ctx.text, ctx.text_bias, ctx.frames, ctx.h, ctx.w)
-            if i < n_skip:
+            if i < sources:
                 skips.append(x)
         return x
 

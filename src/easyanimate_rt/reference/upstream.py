@@ -41,7 +41,7 @@ _SIZES = {64: "512", 96: "768", 120: "960"}
 CLIP_CHANNELS = 768
 #: fields that say which release a directory is; a preset must agree with the files on them
 RELEASE_DIT_FIELDS = ("inpaint_channels", "clip_channels", "hybrid_global_attention", "temporal_num_heads",
-                      "temporal_block_size", "long_skips")
+                      "temporal_block_size")  # (enable_uvit is the file's to say: honoured, not matched)
 RELEASE_VAE_FIELDS = ("slicing", "padding_mode", "slice_frames")
 
 
@@ -77,6 +77,7 @@ def dit_fields(file: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
         _require(file, raw, key, allowed)
     out: dict[str, Any] = {k: raw[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim",
                                                "patch_size", "sample_size", "caption_channels") if k in raw}
+    out["skip_wiring"] = "upstream"  # 13 skips, blocks 0-12 into 15 onward, whatever the depth (as upstream runs)
     if "norm_eps" in raw:
         out["norm_eps"] = float(raw["norm_eps"])
     latent = 4
@@ -176,13 +177,18 @@ def infer_preset(path: Path, dit: Mapping[str, Any], vae: Mapping[str, Any]) -> 
     return name if name in PRESETS else f"{version}-512"  # sizes come from the files anyway
 
 
-def _merge(base: Any, stated: Mapping[str, Any], release_fields: tuple[str, ...], file: Path, preset: str) -> Any:
-    """``base`` with every field the file states; a release field that differs is an error."""
-    clashes = [f"{k}: file {v!r}, preset {getattr(base, k)!r}" for k, v in stated.items()
+def _merge(base: Any, stated: Mapping[str, Any], release_fields: tuple[str, ...], file: Path, preset: str,
+           passed: bool = True) -> Any:
+    """``base`` with every field the file states; a release field that differs is an error
+    (naming the preset when one was passed, the inferred release otherwise)."""
+    clashes = [f"{k}: file {v!r}, {'preset' if passed else 'release'} {getattr(base, k)!r}" for k, v in stated.items()
                if k in release_fields and getattr(base, k) != v]
     if clashes:
-        raise CheckpointError(f"{file} describes another release than preset {preset!r} ({'; '.join(clashes)}); "
-                              f"pass the preset of this model, or none to infer it from the files")
+        if passed:
+            raise CheckpointError(f"{file} describes another release than preset {preset!r} ({'; '.join(clashes)}); "
+                                  f"pass the preset of this model, or none to infer it from the files")
+        raise CheckpointError(f"{file} matches no EasyAnimate release: its files point to {preset!r}, but "
+                              f"{'; '.join(clashes)}; pass --preset to say which release it is")
     return dataclasses.replace(base, **stated)
 
 
@@ -221,7 +227,7 @@ def dit_config(path: str | Path, preset: str | None = None) -> tuple[str, DiTCon
     vae_file = path / "vae" / "config.json"
     vae = vae_fields(vae_file, _read(vae_file))
     base = _release(path, preset, dit, vae)
-    merged = _merge(base.dit, dit, RELEASE_DIT_FIELDS, file, base.name)
+    merged = _merge(base.dit, dit, RELEASE_DIT_FIELDS, file, base.name, passed=preset is not None)
     return base.name, dataclasses.replace(merged, **scheduler_fields(path))
 
 
@@ -233,7 +239,7 @@ def vae_config(path: str | Path, preset: str | None = None) -> tuple[str, VAECon
     dit_file = path / "transformer" / "config.json"
     dit = dit_fields(dit_file, _read(dit_file))
     base = _release(path, preset, dit, vae)
-    return base.name, _merge(base.vae, vae, RELEASE_VAE_FIELDS, file, base.name)
+    return base.name, _merge(base.vae, vae, RELEASE_VAE_FIELDS, file, base.name, passed=preset is not None)
 
 
 def upstream_config(path: str | Path, preset: str | None = None) -> ModelConfig:
