@@ -222,3 +222,25 @@ def test_a_clash_names_the_preset_only_when_one_was_passed(tmp_path):
                                               r"temporal_block_size: file 2, release 1; pass --preset") as err:
         upstream_config(odd)  # no preset given: the message does not say one was
     assert "than preset" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, rule", [
+    ({"motion_module_kwargs_even": {"num_attention_heads": 16, "temporal_position_encoding": False}},
+     r"motion_module_kwargs_even\.temporal_position_encoding=False is not supported"),
+    ({"motion_module_kwargs": {"remove_time_embedding_in_photo": True}},
+     r"motion_module_kwargs\.remove_time_embedding_in_photo=True is not supported"),
+    ({"motion_module_kwargs_even": {"num_attention_heads": 16}, "motion_module_kwargs_odd": {"num_attention_heads": 8}},
+     r"motion_module_kwargs_odd\.num_attention_heads=8 differs from the even blocks' 16"),
+])
+def test_motion_module_settings_that_change_the_output_are_refused(tmp_path, change, rule):
+    with pytest.raises(CheckpointError, match=rule):
+        dit_fields(tmp_path / "config.json", dict(DIT_JSON, **change))
+    same = {"motion_module_kwargs_even": {"num_attention_heads": 16, "temporal_position_encoding": True},
+            "motion_module_kwargs_odd": {"num_attention_heads": 16}}
+    assert dit_fields(tmp_path / "config.json", dict(DIT_JSON, **same))["temporal_num_heads"] == 16
+
+
+def test_mini_batch_decoder_is_read_or_refused(tmp_path):
+    assert vae_fields(tmp_path / "c.json", V3_VAE_JSON)["slice_frames"] == 8  # 8 frames, 2 latents: as ours
+    with pytest.raises(CheckpointError, match=r"mini_batch_decoder=4 is not supported: slices of 8 frames decode 2"):
+        vae_fields(tmp_path / "c.json", dict(V3_VAE_JSON, mini_batch_decoder=4))

@@ -98,6 +98,7 @@ def dit_fields(file: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     if "basic_block_type" in raw:
         out["hybrid_global_attention"] = raw["basic_block_type"] == "global_motionmodule"
     kwargs = raw.get("motion_module_kwargs_even") or raw.get("motion_module_kwargs")
+    _check_motion_kwargs(file, raw, kwargs)
     if kwargs:
         out["temporal_num_heads"] = kwargs.get("num_attention_heads", 8)
         out["temporal_block_size"] = kwargs.get("block_size", 2 if raw.get("motion_module_type") == "VanillaGrid" else 1)
@@ -106,6 +107,32 @@ def dit_fields(file: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
     elif "motion_module_type" in raw:
         out["temporal_block_size"] = 2 if raw["motion_module_type"] == "VanillaGrid" else 1
     return out
+
+
+#: motion-module settings this implementation runs as upstream does only at these values
+#: (upstream's MotionModule arguments): any other stated value changes the output, so it
+#: is refused rather than loaded silently
+_MOTION_FIXED = {"temporal_position_encoding": (True,), "remove_time_embedding_in_photo": (False,),
+                 "qk_norm": (False,), "temporal_attention_dim_div": (1,)}
+
+
+def _check_motion_kwargs(file: Path, raw: Mapping[str, Any], even: Mapping[str, Any] | None) -> None:
+    """The motion-module kwargs of the even (and odd) blocks: only the values this DiT
+    runs; the odd blocks' may differ from the even blocks' only where the hybrid module
+    does (its second attention), never in heads or Grid Reshape."""
+    odd = raw.get("motion_module_kwargs_odd")
+    for name, kwargs in (("motion_module_kwargs_even" if "motion_module_kwargs_even" in raw
+                          else "motion_module_kwargs", even), ("motion_module_kwargs_odd", odd)):
+        for key, allowed in _MOTION_FIXED.items():
+            if kwargs and key in kwargs and kwargs[key] not in allowed:
+                raise CheckpointError(f"{file}: {name}.{key}={kwargs[key]!r} is not supported (this DiT runs "
+                                      f"{key}={allowed[0]!r})")
+    if odd and even:
+        for key, default in (("num_attention_heads", 8), ("block_size", 1)):
+            if odd.get(key, default) != even.get(key, default):
+                raise CheckpointError(f"{file}: motion_module_kwargs_odd.{key}={odd.get(key, default)!r} differs from "
+                                      f"the even blocks' {even.get(key, default)!r}; per-parity motion-module "
+                                      f"{key} is not supported")
 
 
 def vae_fields(file: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,6 +172,13 @@ def vae_fields(file: Path, raw: Mapping[str, Any]) -> dict[str, Any]:
         out.update(slicing="slice" if sliced else "chunk", padding_mode="slice" if sliced else "causal")
         if "mini_batch_encoder" in raw:
             out["slice_frames"] = int(raw["mini_batch_encoder"])
+        if "mini_batch_decoder" in raw:  # latents per decoded slice: what the slicing gives, or refused
+            frames = out.get("slice_frames", 8 if sliced else 9)
+            latents = frames // 4 if sliced else (frames - 1) // 4 + 1
+            if raw["mini_batch_decoder"] != latents:
+                raise CheckpointError(f"{file}: mini_batch_decoder={raw['mini_batch_decoder']!r} is not supported: "
+                                      f"{'slices' if sliced else 'chunks'} of {frames} frames decode {latents} "
+                                      f"latents at a time here")
     return out
 
 
