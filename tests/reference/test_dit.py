@@ -112,41 +112,35 @@ def test_text_mask_hides_padded_tokens():
     assert (model(x, t, text3, mask) - out).abs().max() > 1e-4
 
 
-@torch.no_grad()
-def test_long_skips_wiring():
-    cfg = TINY.replace(num_layers=6)                  # 2 skips: 0 -> 5, 1 -> 4
+def _block_io(cfg):
+    """A randomised DiT of ``cfg`` run once: (model, each block's input, each block's output)."""
     model = VideoDiT(cfg).eval()
     _randomise(model)
-    assert cfg.num_skips == 2
     outs, ins = {}, {}
     for i, blk in enumerate(model.transformer_blocks):
         blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
         blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.clone()))
     model(*_inputs(frames=2))
-    for k in range(2):
-        target = 6 - 2 + k
-        expected = outs[target - 1] + model.long_connect_fc[k](outs[1 - k])
+    return model, ins, outs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cfg, plan, pairs, plain", [
+    # ours: 2 skips at depth 6, 0 -> 5 and 1 -> 4; the middle blocks get none
+    (TINY.replace(num_layers=6), (2, 4, 2), [(4, 1), (5, 0)], [3]),
+    # upstream's at depth 17: 13 fc layers, blocks 0..12 kept, block 15 + k takes block 12 - k
+    (TINY.replace(num_layers=17, skip_wiring="upstream"), (13, 15, 2), [(15, 12), (16, 11)], [13, 14]),
+], ids=["symmetric", "upstream"])
+def test_long_skips_wiring(cfg, plan, pairs, plain):
+    """DiTConfig.skip_plan: block ``target`` adds long_connect_fc[target - first] of block
+    ``source``'s output to its input; ``plain`` blocks take the previous output alone."""
+    assert cfg.skip_plan == plan and cfg.num_skips == (13 if cfg.skip_wiring == "upstream" else plan[0])
+    model, ins, outs = _block_io(cfg)
+    for target, source in pairs:
+        expected = outs[target - 1] + model.long_connect_fc[target - plan[1]](outs[source])
         check_close(ins[target], expected, "reference_exact")
-    check_close(ins[3], outs[2], "reference_exact")  # the middle blocks get no skip
-
-
-@torch.no_grad()
-def test_upstream_skip_wiring_at_another_depth():
-    """Upstream's wiring (reference/config.DiTConfig.skip_plan): 13 fc layers whatever the
-    depth, blocks 0..12 kept, block 15 + k adds fc[k] of block 12 - k's output."""
-    cfg = TINY.replace(num_layers=17, skip_wiring="upstream")
-    assert cfg.num_skips == 13 and cfg.skip_plan == (13, 15, 2)
-    model = VideoDiT(cfg).eval()
-    _randomise(model)
-    outs, ins = {}, {}
-    for i, blk in enumerate(model.transformer_blocks):
-        blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
-        blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.clone()))
-    model(*_inputs(frames=2))
-    for k in range(2):
-        check_close(ins[15 + k], outs[14 + k] + model.long_connect_fc[k](outs[12 - k]), "reference_exact")
-    check_close(ins[13], outs[12], "reference_exact")  # blocks 13 and 14 take none
-    check_close(ins[14], outs[13], "reference_exact")
+    for i in plain:
+        check_close(ins[i], outs[i - 1], "reference_exact")
 
 
 def test_release_parameter_count():
