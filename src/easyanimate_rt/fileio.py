@@ -116,11 +116,12 @@ def claim_dir(path: str | Path, markers: Sequence[str], what: str, option: str =
             any((path / m).exists() for m in markers) or _marked_as(path, what))
         if not ours:
             lookalike = next((m for m in (*markers, OWNER_MARKER) if (path / m).exists()), None)
+            article = "an" if what[:1] in "aeiou" else "a"
             if lookalike is not None:
-                raise InputError(f"{option} {path} holds {lookalike}, but it is not a {what} written by "
+                raise InputError(f"{option} {path} holds {lookalike}, but it is not {article} {what} written by "
                                  f"easyanimate-rt; give a new or empty folder, nothing was written")
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise InputError(f"{option} {path} already holds files that are not a {what} written by "
+            raise InputError(f"{option} {path} already holds files that are not {article} {what} written by "
                              f"easyanimate-rt (no {' or '.join(markers)}; found {shown}); give a new or empty "
                              f"folder, nothing was written")
     if not os.access(path, os.W_OK | os.X_OK):

@@ -19,7 +19,7 @@ import os
 
 from ..errors import InputError
 from ..reference.config import ModelConfig
-from ..reference.request import GenerationRequest, dit_tokens, token_counts as _tokens  # noqa: F401
+from ..reference.request import GenerationRequest, dit_tokens, token_counts
 
 FLOAT = 4
 
@@ -38,7 +38,7 @@ def parameter_count(config: ModelConfig) -> int:
 def shape_peak_bytes(config: ModelConfig, height: int, width: int, frames: int, batch: int) -> int:
     """Estimated peak of one generation at this size with DiT batch ``batch``."""
     d = config.dit
-    latent, spatial, tokens = _tokens(config, height, width, frames)
+    latent, spatial, tokens = token_counts(config, height, width, frames)
     hidden = d.num_attention_heads * d.attention_head_dim
     stream = batch * tokens * hidden * (6 + 2 * d.mlp_ratio)
     scores = batch * d.num_attention_heads * latent * spatial * spatial
@@ -66,7 +66,7 @@ def check_bucket_budget(config: ModelConfig, height: int, width: int, frames: in
         return
     need = shape_peak_bytes(config, height, width, frames, (2 if guidance == "batched" else 1) * prompts)
     if need > 2 * limit:
-        _, _, tokens = _tokens(config, height, width, frames)
+        _, _, tokens = token_counts(config, height, width, frames)
         name = f"{height}x{width}x{frames}" + (f"b{prompts}" if prompts > 1 else "")
         raise InputError(f"bucket {name} would need about {need / 2**30:,.1f} GiB at its peak ({tokens:,} DiT "
                          f"tokens), but {limit / 2**30:,.1f} GiB are available; no engines were exported or built "

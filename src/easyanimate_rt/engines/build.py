@@ -37,7 +37,7 @@ from . import onnxruntime as ortb
 from .budget import check_bucket_budget
 from .buckets import Bucket, bucket_shapes, graphs_needed, profiles_for
 from .cache import EngineCache, cache_key
-from .manifest import BACKENDS, INDEX_NAME, Manifest, cpu_name, digest, onnx_files, write_index
+from .manifest import BACKENDS, INDEX_NAME, Manifest, cpu_name, cuda_visible, digest, onnx_files, write_index
 
 #: What a build may export from a model: every network and the DiT's step-caching split.
 EXPORT_NETWORKS = NETWORKS + (CACHE_NETWORK,)
@@ -95,7 +95,7 @@ def _target(backend: str, compute_capability: str | None) -> dict[str, Any]:
         return {"kind": "cpu", "name": cpu_name()}
     from .tensorrt import local_gpu
 
-    return local_gpu()
+    return local_gpu(backend)
 
 
 def runs_here(backend: str) -> bool:
@@ -104,11 +104,7 @@ def runs_here(backend: str) -> bool:
         return True
     if backend == "rtx":
         return False  # ahead of time for a named target; the runtime on a GPU checks it
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return cuda_visible()
 
 
 def widen(spec: ExportSpec, profiles: Sequence[Profile]) -> ExportSpec:

@@ -38,6 +38,18 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def cuda_visible() -> bool:
+    """Whether a CUDA device is visible: no NVIDIA driver means no (without importing
+    torch, so a CPU start-up stays torch-free); else torch's word."""
+    if not Path("/dev/nvidiactl").exists():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

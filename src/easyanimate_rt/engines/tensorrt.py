@@ -82,20 +82,14 @@ def network_io(network) -> list[dict[str, str]]:
             + [{"name": t.name, "mode": "output", "dtype": dtype_name(t.dtype)} for t in outs])
 
 
-def _cuda_visible() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def plan_device_memory(trt, plan: bytes) -> list[int]:
     """Activation bytes each optimisation profile of ``plan`` needs, read from the
     deserialized engine (``get_device_memory_size_for_profile_v2``, else the engine-wide
     ``device_memory_size_v2``). The builder does not report it, and deserializing needs a
     GPU this TensorRT runs on: ``[]`` elsewhere (every ahead-of-time RTX build)."""
-    if not _cuda_visible():
+    from .manifest import cuda_visible
+
+    if not cuda_visible():
         return []
     messages: list[str] = []
     try:
@@ -212,13 +206,14 @@ def build_plan(trt, onnx_path: str | Path, profiles: Sequence[ProfileShapes], *,
                      device_memory=plan_device_memory(trt, plan_bytes))
 
 
-def local_gpu() -> dict[str, Any]:
-    """Name and compute capability of the local CUDA device (the build target of ``trt``)."""
+def local_gpu(backend: str = "trt") -> dict[str, Any]:
+    """Name and compute capability of the local CUDA device (the build target of the GPU
+    backends); an EngineError naming ``backend`` where there is none."""
     import torch
 
     if not torch.cuda.is_available():
-        raise EngineError("the trt backend builds for the local GPU and there is none; use --backend rtx with "
-                          "--compute-capability for an ahead-of-time build, or an ort backend")
+        raise EngineError(f"--backend {backend} builds for the local GPU and there is none; use --backend rtx with "
+                          f"--compute-capability for an ahead-of-time build, or ort-cpu")
     major, minor = torch.cuda.get_device_capability()
     return {"kind": "gpu", "name": torch.cuda.get_device_name(), "compute_capability": f"SM{major}{minor}"}
 

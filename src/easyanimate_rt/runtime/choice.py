@@ -5,9 +5,9 @@ registry (runtime/backends), ``auto`` resolved for the device, every choice chec
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
+from ..engines.manifest import cuda_visible
 from ..errors import InputError
 from ..export.spec import GraphKey
 from .backends import NAMES, choose_auto, require
@@ -76,16 +76,12 @@ def resolve_device(device: str, cpu_backend: bool = False) -> str:
     """``auto``: cuda when a CUDA device is visible (checked without importing torch on a
     machine with no NVIDIA driver) and no CPU backend was asked for; else cpu."""
     if device != "auto":
-        if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
             raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
         if device != "cpu":
             _check_cuda(device)
         return device
-    if cpu_backend or not Path("/dev/nvidiactl").exists():
-        return "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if not cpu_backend and cuda_visible() else "cpu"
 
 
 def network_of(key: str) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -161,6 +161,12 @@ class _DeviceGuard:
             raise nonfinite_error(int(flags.logical_not().nonzero()[0]) + 1, req.steps, req.sampler)
 
 
+def engine_guidance(req: GenerationRequest) -> str:
+    """The DiT engines a request runs: ``batched`` (one call of both guidance branches)
+    or ``sequential`` (a call per branch; also unguided requests, which run one)."""
+    return "batched" if req.guidance_mode == "batched" and req.guidance_scale != 1.0 else "sequential"
+
+
 def arrays_for(device: str) -> HostArrays | DeviceArrays:
     return HostArrays() if device == "cpu" else DeviceArrays(device)
 
@@ -219,7 +225,7 @@ class Denoiser:
         return loop
 
     def run(self, reqs: Sequence[GenerationRequest], emb: np.ndarray, mask: np.ndarray,
-            cond: Conditioning = Conditioning(), callback: StepCallback | None = None,
+            cond: Conditioning | None = None, callback: StepCallback | None = None,
             step_times: list[float] | None = None, trace: list | None = None,
             checkpoints: Checkpoints | None = None) -> Denoised:
         """``reqs``: one batch (requests equal but for prompts and seeds); ``emb``/``mask``:
@@ -228,7 +234,7 @@ class Denoiser:
         A, req, n = self.arrays, reqs[0], len(reqs)
         checkpoints = checkpoints or Checkpoints()
         c, g = self.config.vae.latent_channels, req.guidance_scale
-        guidance = "batched" if req.guidance_mode == "batched" and g != 1.0 else "sequential"
+        guidance = engine_guidance(req)
         cache = StepCache(self.step_cache, req.steps) if self.step_cache.enabled else None
         sampler = A.sampler(req.sampler, req.steps, self.config.sampling.clip_sample)
         streams = [SeededNoise(r.seed) for r in reqs]
@@ -251,8 +257,8 @@ class Denoiser:
         latents = A.empty((rows, *shape[1:]))  # persistent input buffers
         copies = latents.reshape(-1, *x.shape)  # (2 or 1, N, ...): a view the latents go into
         timestep = A.empty((rows,))
-        feeds = self._feeds(reqs, emb, mask, cond, branches, latents, timestep)
-        step = self._plain_step(guidance, feeds, len(branches), latents, timestep) if cache is None else \
+        feeds = self._feeds(reqs, emb, mask, cond or Conditioning(), branches, latents, timestep)
+        step = self._plain_step(guidance, feeds, len(branches)) if cache is None else \
             self._cached_step(cache, guidance, feeds, len(branches))
         guard = A.guard(req.steps)
         key = request_key(req)
@@ -306,7 +312,7 @@ class Denoiser:
 
         return feeds
 
-    def _plain_step(self, guidance: str, feeds, n_branches: int, latents, timestep) -> Callable[[int], list]:
+    def _plain_step(self, guidance: str, feeds, n_branches: int) -> Callable[[int], list]:
         """The whole DiT, once per branch; prepared once for the shapes (a CUDA graph
         where the engine captures one)."""
         dit = self.engine("dit", guidance)
@@ -352,6 +358,3 @@ class Denoiser:
 
         return step
 
-
-def feed_shapes(feeds: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(v.shape) for name, v in feeds.items()}

@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 
 from ..engines.buckets import Bucket, BucketShapes, bucket_shapes, graphs_needed
 from ..engines.cache import MODELS_DIR, EngineCache
@@ -26,7 +25,7 @@ from ..errors import EasyAnimateError, EngineError, ShapeError
 from ..export.spec import MAX_PROMPTS, ExportSpec, spec_of
 from .backends import gate_runner
 from .backends import backend as backend_entry
-from .engine import Engine, to_host
+from .engine import Engine, first_output
 from .choice import TORCH, network_of
 from .source import ModelSource
 
@@ -164,14 +163,9 @@ class EngineSet:
         from ..engines.build import parity_feeds, parity_gate
 
         spec = spec.replace(profiles=tuple(engine.profiles()))  # the shapes this engine was built for
-        output = spec.output_names[0]
-
-        def run(feed):
-            engine.prepare({name: tuple(np.shape(v)) for name, v in feed.items()})
-            return to_host(engine.run(feed)[output])
-
         log.info("%s: first use of an engine not gated here (%s); running the parity gate", spec.key,
                  manifest.parity.get("skipped", "no figures"))
+        run = first_output(engine, spec.output_names[0])
         manifest.parity = {**parity_gate(run, spec, self.model(), parity_feeds(spec, graph_dir)),
                            "gated_at_load": self.device}
         manifest.save(entry)

@@ -39,7 +39,7 @@ from ..reference.request import GenerationRequest, Video, check_batch, default_r
 from .backends import backend as backend_entry
 from .choice import NETWORKS, parse_backend, resolve_backends, resolve_device, torch_dtype, uses_torch  # noqa: F401
 from .conditioning import conditioning
-from .denoiser import Checkpoints, Denoised, Denoiser, StepCallback, arrays_for
+from .denoiser import Checkpoints, Denoised, Denoiser, StepCallback, arrays_for, engine_guidance
 from .engine import Engine, to_host
 from .engine_set import EngineSet
 from .source import ModelSource, read_config  # noqa: F401 (re-exported)
@@ -180,7 +180,7 @@ class Pipeline:
     @staticmethod
     def guidance_of(req: GenerationRequest) -> str:
         """The engines' guidance mode for ``req``: batch-2 or batch-1 DiT calls."""
-        return "sequential" if req.guidance_mode == "sequential" or req.guidance_scale == 1.0 else "batched"
+        return engine_guidance(req)
 
     def encode(self, req: GenerationRequest | Sequence[GenerationRequest]) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings (2N, S, E), mask (2N, S)) for the N requests' [negatives...,

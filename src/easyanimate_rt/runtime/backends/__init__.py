@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ...engines.manifest import cuda_visible
 from ...errors import InputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -86,16 +87,6 @@ class Probe:
     providers: Callable[[], list[str]]
 
 
-def _gpu_visible() -> bool:
-    if not Path("/dev/nvidiactl").exists():  # no NVIDIA driver: no need to import torch to know
-        return False
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -108,7 +99,7 @@ def _ort_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-MACHINE = Probe(_gpu_visible, _importable, _ort_providers)
+MACHINE = Probe(cuda_visible, _importable, _ort_providers)
 
 
 def missing(entry: Backend, probe: Probe | None = None, device: str | None = None) -> str | None:
@@ -163,15 +154,8 @@ def choose_auto(probe: Probe | None = None, device: str | None = None) -> tuple[
 def gate_runner(staging: Path, spec, onnx_path: Path, builder: str, threads: int | None):
     """engines.build's parity-gate runner on the runtime's own Engine class: the gate
     runs the code generation runs (EngineRunner)."""
-    import numpy as np
-
-    from ..engine import to_host
+    from ..engine import first_output
 
     entry = backend(builder)
     engine = entry.load(staging, spec, onnx_path, threads=threads, device="cuda" if entry.device == "cuda" else "cpu")
-
-    def run(feed):
-        engine.prepare({name: tuple(np.shape(v)) for name, v in feed.items()})
-        return to_host(engine.run(feed)[spec.output_names[0]])
-
-    return run
+    return first_output(engine, spec.output_names[0])

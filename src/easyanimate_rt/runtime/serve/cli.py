@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
     if args.buckets:
         from ...engines.buckets import check_bucket, parse_buckets
         from ...engines.budget import check_bucket_budget
+        from ...engines.manifest import cuda_visible
         from ..pipeline import read_config
 
         buckets = parse_buckets(args.buckets)
@@ -80,7 +81,7 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
         if config is not None and args.device in ("auto", "cpu"):  # before the store, workers or any export
             for b in buckets:
                 check_bucket(config, b)
-                if args.device == "cpu" or not _cuda_visible():
+                if args.device == "cpu" or not cuda_visible():
                     check_bucket_budget(config, b.height, b.width, b.frames, b.prompts)
     try:
         limits = Limits(args.max_frames, args.max_height, args.max_width, args.max_steps, args.max_prompt_chars,
@@ -97,10 +98,3 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
     serve(opts, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
 
-
-def _cuda_visible() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
