@@ -63,7 +63,7 @@ CASES = [
     (["--seed", "-1"], "seed must be an integer in [0, 2**64), got -1"),
     (["--seed", str(2**64)], "seed must be an integer in [0, 2**64), got 18446744073709551616"),
     (["--seed", "abc"], "seed must be an integer, got 'abc'"),
-    (["--sampler", "plms"], "unknown sampler 'plms'"),
+    (["--sampler", "heun"], "unknown sampler 'heun'"),
     (["--guidance-mode", "both"], "invalid choice: 'both'"),
     (["--backend", "trt9"], "backend for text_encoder must be one of"),
     (["--backend", "unet=ort"], "unknown network 'unet'"),

@@ -185,8 +185,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     req = pipe.request(args.prompt, **kwargs)
     if config is None:  # an upstream release directory: its rules once its config is loaded
         req.validate(pipe.config)
-    bar = tqdm(total=req.steps, desc="denoising", unit="step", disable=args.quiet or not tty, file=sys.stderr)
-    quarters = {max(1, round(req.steps * q / 4)) for q in range(1, 5)}
+    bar = tqdm(total=req.calls, desc="denoising", unit="step", disable=args.quiet or not tty, file=sys.stderr)
+    quarters = {max(1, round(req.calls * q / 4)) for q in range(1, 5)}
 
     def on_step(i: int, n: int) -> None:
         bar.update(1)
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--sampler", help="ddim, euler, euler_a or dpm++ (default: the model's)")
+    p.add_argument("--sampler", help="ddim, euler, euler_a, dpm++, pndm or plms (default: the model's)")
     p.add_argument("--guidance-mode", choices=["batched", "sequential"], default="batched")
     p.add_argument("--seed", type=_seed, default=0, help="an integer in [0, 2**64) (default 0)")
     p.add_argument("--image", help="image-to-video: the start frame (png/jpg of the video's size; InP models)")

@@ -49,13 +49,14 @@ def test_every_accepted_step_count_has_finite_tables(name, which):
             continue
         with np.errstate(all="raise"):
             tables = sampler_tables(name, steps, schedule)
-        assert tables.num_steps == steps and tables.coef.shape[0] == steps
+        calls = {"pndm": steps + 9, "plms": steps + 1 if steps > 1 else 1}.get(name, steps)  # model calls
+        assert tables.calls == calls and tables.coef.shape[0] == calls
         for what, values in (("coef", tables.coef), ("vp", tables.vp), ("timesteps", tables.timesteps)):
             assert np.isfinite(values).all(), f"{name} x{steps} ({which}): non-finite {what}"
         assert np.isfinite(tables.init_noise_sigma) and tables.init_noise_sigma > 0
         assert 0 <= tables.timesteps.min() and tables.timesteps.max() <= T - 1
-    if which == "T1000":  # the only refusal at the training schedule: ddim's 1000 (timestep 1000)
-        assert refusals == ([1000] if name == "ddim" else [])
+    if which == "T1000":  # at the training schedule: leading spacing's 1000 (timestep 1000); pndm below 4
+        assert refusals == {"ddim": [1000], "plms": [1000], "pndm": [1, 2, 3, 1000]}.get(name, [])
     if DEFINITIONS[name].check is None:
         assert refusals == []
 
@@ -68,7 +69,7 @@ def test_the_refusal_is_a_request_rule_checked_before_any_work():
         req.validate(config)
     for name in SAMPLER_NAMES:  # everything else at 1000, and every sampler at 999, is accepted
         GenerationRequest("a red circle", height=32, width=32, frames=1, steps=999, sampler=name).validate(config)
-        if name != "ddim":
+        if name not in ("ddim", "pndm", "plms"):
             GenerationRequest("a red circle", height=32, width=32, frames=1, steps=1000, sampler=name).validate(config)
 
 
@@ -89,13 +90,13 @@ def test_the_most_steps_denoise_a_fake_model(name):
     """Every sampler at its most steps on the numpy loop (the runtime's), with an exact
     denoiser towards fixed data: finite throughout and ends on the data."""
     schedule = training_schedule()
-    steps = 999 if name == "ddim" else 1000
+    steps = 999 if name in ("ddim", "pndm", "plms") else 1000
     sampler = NumpySampler(name, steps)
     rng = np.random.default_rng(0)
     data = rng.standard_normal((1, 4, 1, 4, 4)).astype(np.float32).clip(-2, 2)
     abar_table = schedule.alphas_cumprod.astype(np.float64)
     x = rng.standard_normal(data.shape).astype(np.float32) * np.float32(sampler.init_noise_sigma)
-    for i in range(steps):
+    for i in range(sampler.calls):
         xin = sampler.scale_model_input(x, i)
         abar = np.interp(float(sampler.timesteps[i]), np.arange(len(abar_table)), abar_table)
         eps = ((xin - np.sqrt(abar) * data) / np.sqrt(1 - abar)).astype(np.float32)

@@ -30,6 +30,10 @@ def test_training_schedule_is_bit_equal_to_torch_float32(T, start, end):
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 @pytest.mark.parametrize("steps", [1, 2, 3, 25, 50])
 def test_tables_agree_with_the_torch_sampler(name, steps):
+    if name == "pndm" and steps < 4:  # its Runge-Kutta warm-up needs four timesteps
+        with pytest.raises(InputError, match="at least 4 steps"):
+            sampler_tables(name, steps)
+        return
     tables, sampler = sampler_tables(name, steps), make_sampler(name, steps)
     assert np.array_equal(tables.timesteps, sampler.timesteps.numpy())
     assert np.abs(tables.coef - sampler._coef.numpy()).max() <= 1e-6
@@ -46,7 +50,8 @@ def test_numpy_sampler_steps_like_the_torch_sampler(name):
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal(shape, dtype=np.float32) * np.float32(ours.init_noise_sigma)
     x_t = torch.from_numpy(x_np.copy())
-    for i in range(steps):
+    assert ours.calls == ref.calls
+    for i in range(ours.calls):
         xin_np, xin_t = ours.scale_model_input(x_np, i), ref.scale_model_input(x_t, i)
         out = (0.3 * xin_np + 0.1).astype(np.float32)
         noise = rng.standard_normal(shape, dtype=np.float32)
@@ -70,8 +75,8 @@ def test_seeded_noise_is_the_documented_stream():
 
 
 def test_unknown_sampler_and_steps_are_input_errors():
-    with pytest.raises(InputError, match="unknown sampler 'plms'"):
-        sampler_tables("plms", 5)
+    with pytest.raises(InputError, match="unknown sampler 'heun'"):
+        sampler_tables("heun", 5)
     with pytest.raises(InputError, match=r"num_steps must be an integer in \[1, 1000\], got 0"):
         NumpySampler("ddim", 0)
 

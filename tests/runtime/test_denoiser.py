@@ -21,7 +21,7 @@ from easyanimate_rt.runtime.denoiser import (
 )
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-SAMPLERS = ["ddim", "euler", "euler_a", "dpm++"]
+SAMPLERS = ["ddim", "euler", "euler_a", "dpm++", "pndm", "plms"]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,29 @@ def test_ddim_with_the_x0_clamp_runs_the_same_on_the_runtime_loop(model):
         model.config = original
     plain = Denoiser.on_model(model, HostArrays()).run([req], emb, mask).latents
     assert np.abs(plain - want).max() > 1e-3  # the clamp changed the trajectory
+
+
+def test_pndm_on_a_v_network_converts_v_in_the_step_as_diffusers(model):
+    """PNDM with a v-prediction DiT: both loops give the sampler the model's prediction
+    type, so the combined v is converted at the step's base sample (diffusers' discretisation,
+    test_samplers), not each call's v at its own input; the two differ measurably."""
+    import copy
+
+    from easyanimate_rt.reference.schedule import NumpySampler, training_schedule
+
+    v_model = copy.deepcopy(model)
+    v_model.config = model.config.replace(dit=model.config.dit.replace(prediction_type="v_prediction"))
+    v_model.dit.config = v_model.config.dit
+    ref = ReferencePipeline(v_model)
+    req = ref.request("a red circle", steps=4, sampler="pndm", seed=2, frames=9, height=32, width=32)
+    want = ref.denoise(req, *ref.encode_prompt(req.prompt, req.negative_prompt))
+    emb, mask = encoded(ref, req)
+    host = Denoiser.on_model(v_model, HostArrays()).run([req], emb, mask).latents
+    np.testing.assert_allclose(host, want.numpy(), rtol=1e-5, atol=1e-5)
+
+    class EpsilonSchedule(HostArrays):  # a loop that forgot the prediction type: v converted per call
+        def sampler(self, name, steps, clip_sample=None, prediction_type="epsilon"):
+            return NumpySampler(name, steps, training_schedule(clip_sample=clip_sample))
+
+    per_call = Denoiser.on_model(v_model, EpsilonSchedule()).run([req], emb, mask).latents
+    assert np.abs(per_call - host).max() > 1e-3

@@ -52,7 +52,7 @@ def ref(model_dir):
     return ReferencePipeline.from_pretrained(model_dir)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpm++", "pndm"])
 def test_ort_runtime_matches_the_reference_pipeline(ort_pipe, ref, sampler):
     """Per-step latents within 1e-3, the video at >= 40 dB (measured: 1e-5 / 60+ dB)."""
     req = ref.request(PROMPT, steps=4, sampler=sampler, seed=3, frames=9, height=64, width=64)
@@ -64,13 +64,13 @@ def test_ort_runtime_matches_the_reference_pipeline(ort_pipe, ref, sampler):
     emb_rt, mask_rt = ort_pipe.encode(req)
     assert np.abs(emb_rt - emb.numpy()).max() <= 1e-4
     got = ort_pipe.denoise(req, emb_rt, mask_rt, trace=got_trace)
-    assert len(got_trace) == len(want_trace) == 4
+    assert len(got_trace) == len(want_trace) == req.calls == (13 if sampler == "pndm" else 4)  # pndm: 4 + 9 calls
     for a, b in zip(got_trace, want_trace):
         assert np.abs(a - b.numpy()).max() <= 1e-3
     video = ort_pipe.run(req)
     assert np.abs(video.latents - got).max() == 0
     assert video.frames.shape == want_frames.shape and psnr(video.frames, want_frames) >= 40
-    assert {"load", "text", "denoise", "decode", "steps"} <= set(video.timings) and len(video.timings["steps"]) == 4
+    assert {"load", "text", "denoise", "decode", "steps"} <= set(video.timings) and len(video.timings["steps"]) == req.calls
 
 
 def test_torch_backend_equals_the_reference(model_dir, ref, cache):
@@ -181,11 +181,11 @@ def test_bad_batches_are_refused(ort_pipe):
         ort_pipe([PROMPT, PROMPT], **dict(kwargs, frames=10))
 
 
-@pytest.mark.parametrize("sampler", ["dpm++", "euler_a"])
+@pytest.mark.parametrize("sampler", ["dpm++", "euler_a", "plms"])
 def test_a_resumed_loop_ends_bit_equal(ort_pipe, sampler):
     """Stopped after any checkpoint and resumed from its (serialised) state, the loop
     ends on the uninterrupted run's latents exactly: DPM++ carries its x0 history,
-    Euler Ancestral its noise stream."""
+    Euler Ancestral its noise stream, PLMS its five-array history (7 calls for 6 steps)."""
     from easyanimate_rt.errors import CheckpointError
     from easyanimate_rt.runtime.loop_state import LoopState
     from easyanimate_rt.runtime.pipeline import Checkpoints
@@ -194,13 +194,13 @@ def test_a_resumed_loop_ends_bit_equal(ort_pipe, sampler):
     emb, mask = ort_pipe.encode(req)
     saved: list[bytes] = []
     want = ort_pipe.denoise(req, emb, mask, checkpoints=Checkpoints(lambda s: saved.append(s.to_bytes()), 2))
-    assert [LoopState.from_bytes(b).step for b in saved] == [2, 4]  # not after the last step
+    assert [LoopState.from_bytes(b).step for b in saved] == ([2, 4, 6] if sampler == "plms" else [2, 4])  # not the last
     for blob in saved:
         state = LoopState.from_bytes(blob)
         done: list[int] = []
         got = ort_pipe.denoise(req, emb, mask, callback=lambda k, n: done.append(k),
                                checkpoints=Checkpoints(resume=state))
-        assert done == list(range(state.step + 1, 7))
+        assert done == list(range(state.step + 1, req.calls + 1))
         np.testing.assert_array_equal(got, want)
     other = ort_pipe.request(PROMPT, steps=6, sampler=sampler, seed=5, frames=9, height=64, width=64)
     with pytest.raises(InputError, match="belongs to another request"):

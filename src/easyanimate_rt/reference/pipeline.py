@@ -138,8 +138,9 @@ class ReferencePipeline:
         dtype = dit.proj_out.weight.dtype
         c = self.config.vae.latent_channels
         noise_of = SeededNoise(req.seed)
-        sampler = make_sampler(req.sampler, req.steps, NoiseSchedule(clip_sample=self.config.sampling.clip_sample),
-                               device=self.device)
+        schedule = NoiseSchedule(clip_sample=self.config.sampling.clip_sample,
+                                 prediction_type=self.config.dit.prediction_type)
+        sampler = make_sampler(req.sampler, req.steps, schedule, device=self.device)
         shape = req.latent_shape(self.config)
         x = (torch.from_numpy(noise_of(shape)) * sampler.init_noise_sigma).to(self.device)
         inpaint = self.inpaint_latents(req)
@@ -156,13 +157,13 @@ class ReferencePipeline:
                 extra["inpaint_latents"] = inpaint.expand(n, *inpaint.shape[1:])
             if clip is not None:
                 embeds, clip_mask = clip[0][branch], clip[1][branch]
-                # Upstream shows the CLIP embedding only in the last clip_apply_ratio of the steps.
-                if i < req.steps * (1 - req.clip_apply_ratio):
+                # Upstream shows the CLIP embedding only in the last clip_apply_ratio of the model calls.
+                if i < req.calls * (1 - req.clip_apply_ratio):
                     embeds, clip_mask = torch.zeros_like(embeds), torch.zeros_like(clip_mask)
                 extra["clip_embeds"], extra["clip_mask"] = embeds, clip_mask
             return extra
 
-        for i in range(req.steps):
+        for i in range(sampler.calls):
             t = sampler.timesteps[i]
             xin = sampler.scale_model_input(x, i).to(dtype)
             # out: epsilon or v, as the DiT predicts (config.prediction_type).
@@ -183,11 +184,11 @@ class ReferencePipeline:
                 noise = torch.from_numpy(noise_of(shape)).to(self.device)
             x = sampler.step(i, x, eps, noise)
             if not bool(torch.isfinite(x).all()):  # one sync a step: the yardstick, not the fast path
-                raise nonfinite_error(i + 1, req.steps, req.sampler)
+                raise nonfinite_error(i + 1, sampler.calls, req.sampler)
             if trace is not None:
                 trace.append(x.detach().cpu().clone())
             if callback is not None:
-                callback(i + 1, req.steps)
+                callback(i + 1, sampler.calls)
         return x
 
     # 4. decode

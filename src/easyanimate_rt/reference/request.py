@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InputError
 from ..media import save_video
 from .config import ModelConfig
-from .schedule import check_sampler, check_seed, training_schedule
+from .schedule import check_sampler, check_seed, model_calls, training_schedule
 
 # Classifier-free guidance past ~20 saturates any model; 100 is a typo, not a setting.
 MAX_GUIDANCE = 100.0
@@ -78,6 +78,13 @@ class GenerationRequest:
             if image.dtype != np.uint8 or image.shape != (self.height, self.width, 3):
                 raise InputError(f"image must be uint8 of shape ({self.height}, {self.width}, 3) (the video's "
                                  f"height x width, RGB), got {image.dtype} {image.shape}")
+
+    @property
+    def calls(self) -> int:
+        """Model calls of the denoising loop: ``steps``, but more for samplers that call the
+        model more than once a step (PNDM: steps + 9; PLMS: steps + 1). Loops, progress
+        and checkpoints count these."""
+        return model_calls(self.sampler, self.steps)
 
     def latent_shape(self, config: ModelConfig) -> tuple[int, int, int, int, int]:
         s = config.vae.spatial_compression

@@ -1,4 +1,5 @@
-"""Training noise schedule and the four samplers EasyAnimate offers (DESIGN.md 1.4).
+"""Training noise schedule and the samplers EasyAnimate offers (DESIGN.md 1.4; upstream's
+menu: Euler, Euler A, DPM++, PNDM, DDIM; and PLMS, PNDM without its warm-up).
 
 Each sampler reproduces the diffusers scheduler of the same name, configured with the
 training schedule below and diffusers' defaults otherwise, to float32 precision.
@@ -60,8 +61,11 @@ class NoiseSchedule:
         beta_end: float = 0.02,
         steps_offset: int = 1,
         clip_sample: float | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
-        self.tables = schedule.training_schedule(num_train_timesteps, beta_start, beta_end, steps_offset, clip_sample)
+        self.tables = schedule.training_schedule(num_train_timesteps, beta_start, beta_end, steps_offset, clip_sample,
+                                                 prediction_type)
+        self.prediction_type = prediction_type
         self.clip_sample = clip_sample
         self.num_train_timesteps = num_train_timesteps
         self.beta_start = beta_start
@@ -104,6 +108,8 @@ class Sampler:
             spacing gives fractional timesteps (diffusers feeds those to the model).
         init_noise_sigma: scale of the initial Gaussian latents.
         num_steps: N.
+        calls: model calls the loop makes, len(timesteps): N, but N + 9 for PNDM and
+            N + 1 for PLMS (their index ``i`` counts calls).
     """
 
     name: ClassVar[str]
@@ -114,6 +120,7 @@ class Sampler:
         self.definition = tables.definition
         self.schedule = schedule
         self.num_steps = num_steps
+        self.calls = tables.calls
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timesteps = torch.from_numpy(tables.timesteps.copy()).to(self.device)  # (N,)
         self.init_noise_sigma = tables.init_noise_sigma
@@ -132,8 +139,8 @@ class Sampler:
             # index_select stays on the device; plain table[i] with a 0-d CUDA tensor
             # reads the index back to the host (a sync, which breaks graph capture).
             return table.index_select(0, i.reshape(1).to(table.device)).squeeze(0)
-        if not 0 <= i < self.num_steps:
-            raise InputError(f"step index must be in [0, {self.num_steps}), got {i}")
+        if not 0 <= i < self.calls:
+            raise InputError(f"step index must be in [0, {self.calls}), got {i}")
         return table[i]
 
     def epsilon(self, i: Index, model_input: Tensor, output: Tensor, prediction_type: str) -> Tensor:
@@ -163,11 +170,12 @@ class Sampler:
         x32 = x.float()
         prev = None
         if self.definition.multistep:
-            if self._prev_x0 is None or self._prev_x0.shape != x32.shape or self._prev_x0.device != x32.device:
+            shape = self.definition.history_shape(x32.shape)
+            if self._prev_x0 is None or self._prev_x0.shape != shape or self._prev_x0.device != x32.device:
                 # Allocated on the first step for this shape, so run one step (a warm-up)
                 # before capturing a CUDA graph. Zeros, not empty: the first step weighs the
                 # buffer by C = 0, and 0 * NaN would be NaN.
-                self._prev_x0 = torch.zeros_like(x32)
+                self._prev_x0 = torch.zeros(shape, dtype=torch.float32, device=x32.device)
             prev = self._prev_x0
         out, x0 = self.definition.step(self._row(i).unbind(), x32, eps.float(),
                                        None if noise is None else noise.float(), prev)
@@ -192,7 +200,7 @@ class Sampler:
             self._prev_x0.zero_()
 
     def __len__(self) -> int:
-        return self.num_steps
+        return self.calls
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_steps={self.num_steps}, device={self.device})"
@@ -274,8 +282,37 @@ class DPMSolverPP2MSampler(Sampler):
     name = "dpm++"
 
 
+class PNDMSampler(Sampler):
+    """PNDM (Liu et al. 2022) as diffusers' PNDMScheduler with its defaults, which is how
+    upstream EasyAnimate builds it (``PNDMScheduler(**noise_scheduler_kwargs)``: no
+    skip_prk_steps, so it is False): "leading" timesteps j (T // N) + steps_offset; a
+    pseudo Runge-Kutta warm-up of three steps of four model calls each at the last
+    four timesteps (midpoints half a step down), then the 4th-order linear multistep
+    update on the remaining N - 3: N + 9 model calls, N >= 4. Every call's update is
+    PNDM's eq. 9 from a base sample (this call's input, or the warm-up step's first)
+    with a fixed combination of this call's eps and a kept history (schedule.py lists
+    the table's columns). Past t = 0 abar' is abar[0] (set_alpha_to_one=False).
+    For v-prediction networks each call's output is converted to eps first (diffusers
+    combines the raw v outputs and converts at the base sample: the same for epsilon
+    networks, a different discretisation for v).
+    """
+
+    name = "pndm"
+
+
+class PLMSSampler(Sampler):
+    """PNDM with diffusers' ``skip_prk_steps=True`` (crowsonkb's PLMS): no Runge-Kutta
+    warm-up; the first step is taken twice (from the first call's eps, then again from
+    the same start with the mean of both calls' eps) and the multistep order ramps from
+    1 to 4: N + 1 model calls (1 for N = 1). Otherwise as PNDMSampler.
+    """
+
+    name = "plms"
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
-    cls.name: cls for cls in (DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPP2MSampler)
+    cls.name: cls for cls in (DDIMSampler, EulerSampler, EulerAncestralSampler, DPMSolverPP2MSampler,
+                              PNDMSampler, PLMSSampler)
 }
 
 
@@ -298,6 +335,8 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "NoiseSchedule",
+    "PLMSSampler",
+    "PNDMSampler",
     "Sampler",
     "make_sampler",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, NumericalError
 
-SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpm++")
+SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpm++", "pndm", "plms")
 SEED_RANGE = (0, 2**64)  # numpy's PCG64 takes any non-negative integer; this keeps seeds portable
 
 
@@ -42,10 +42,12 @@ class TrainingSchedule:
     alphas_cumprod: np.ndarray
     sigmas: np.ndarray
     clip_sample: float | None = None  # DDIM clamps its predicted x0 to [-c, c] (diffusers' clip_sample range)
+    prediction_type: str = "epsilon"  # what the network predicts; only samplers that convert v in their step read it
 
 
 def training_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                      steps_offset: int = 1, clip_sample: float | None = None) -> TrainingSchedule:
+                      steps_offset: int = 1, clip_sample: float | None = None,
+                      prediction_type: str = "epsilon") -> TrainingSchedule:
     T = num_train_timesteps
     if not isinstance(T, int) or isinstance(T, bool) or T < 2:
         raise ConfigError(f"num_train_timesteps must be an integer >= 2, got {T!r}")
@@ -56,6 +58,8 @@ def training_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
         raise ConfigError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
     if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and 0 < clip_sample < float("inf")):
         raise ConfigError(f"clip_sample must be a positive number or None, got {clip_sample!r}")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     start, end = np.float32(beta_start), np.float32(beta_end)
     step = np.float32((end - start) / np.float32(T - 1))
     i = np.arange(T)
@@ -65,7 +69,7 @@ def training_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
     abar = np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
     sigmas = np.sqrt((np.float32(1.0) - abar) / abar)
     return TrainingSchedule(T, beta_start, beta_end, steps_offset, betas, abar, sigmas,
-                            None if clip_sample is None else float(clip_sample))
+                            None if clip_sample is None else float(clip_sample), prediction_type)
 
 
 def _linspace64(stop: float, num: int) -> np.ndarray:
@@ -170,6 +174,91 @@ def _dpm(s: TrainingSchedule, N: int):
     return t, np.stack([alpha[:-1], sigma_vp[:-1], ratio, phi * (1 + half_over_r), -phi * half_over_r], axis=1), 1.0
 
 
+# PNDM (Liu et al. 2022) as diffusers' PNDMScheduler runs it: "leading" timesteps
+# t_j = j (T // N) + steps_offset, a pseudo Runge-Kutta warm-up (three 4-call steps at the
+# last four timesteps, with half-ratio midpoints) then the 4th-order linear multistep
+# (PLMS) on the rest: N + 9 model calls ("pndm": diffusers' default skip_prk_steps=False,
+# what upstream EasyAnimate builds from its yaml). With skip_prk_steps ("plms": crowsonkb's
+# PLMS) the first step is a Heun-like pair of calls and the multistep order ramps 1..4:
+# N + 1 calls (1 for N = 1). Every call moves a base sample from t to t' along
+#   x' = sqrt(abar'/abar) base - (abar' - abar) e / (abar sqrt(1 - abar') + sqrt(abar (1 - abar) abar'))
+# (PNDM's eq. 9; abar' = abar[0] past t = 0, diffusers' set_alpha_to_one=False), with e a
+# fixed combination of this call's eps and a history H of five arrays like x:
+# H0 the base sample, H1 the Runge-Kutta sum, H2..H4 the last three eps kept. A v network's
+# outputs go in unconverted (the tables' vp is (1, 0)) and the combined v is converted at the
+# base sample inside the step, as diffusers does (folded into s and d).
+# Table columns, one row per model call:
+_PNDM_COLUMNS = ("s", "d", "u", "k", "w0", "wa", "w1", "w2", "w3", "ra", "va", "a")
+#   base = u x + (1 - u) H0;  e = w0 eps + wa H1 + w1 H2 + w2 H3 + w3 H4;  x' = s base - d e
+#   H0 <- k x + (1 - k) H0;  H1 <- ra H1 + va eps;  a = 1 pushes eps onto H2..H4 (H2 newest)
+_PLMS_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12),
+                 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _pndm_timesteps(s: TrainingSchedule, N: int, prk: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """diffusers' ``set_timesteps`` ("leading"): (the PRK calls' timesteps, PLMS's, T // N)."""
+    ratio = s.num_train_timesteps // N
+    base = np.arange(N, dtype=np.int64) * ratio + s.steps_offset
+    if not prk:
+        return np.zeros(0, np.int64), np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1], ratio
+    last = np.repeat(base[-4:], 2) + np.tile(np.array([0, ratio // 2]), 4)
+    return np.repeat(last[:-1], 2)[1:-1][::-1], base[:-3][::-1], ratio
+
+
+def _pndm_check_for(prk: bool):
+    name = "pndm" if prk else "plms"
+
+    def check(s: TrainingSchedule, N: int) -> None:
+        if prk and N < 4:
+            raise InputError(f"pndm: its Runge-Kutta warm-up runs on the last four timesteps, so it needs at least 4 "
+                             f"steps, got {N} (plms, PNDM without the warm-up, takes any count)")
+        P, L, _ = _pndm_timesteps(s, N, prk)
+        top, T = int(max(P.max(initial=0), L.max(initial=0))), s.num_train_timesteps
+        if top >= T:  # the same leading spacing as DDIM's: N = T with steps_offset 1 reaches T
+            fits = next((n for n in range(N - 1, 0, -1) if (n - 1) * (T // n) + s.steps_offset < T), None)
+            raise InputError(f"{name}: {N} steps reach timestep {top}, past the schedule's last, {T - 1}"
+                             + (f"; use at most {fits} steps" if fits else ""))
+
+    return check
+
+
+def _pndm_tables_for(prk: bool):
+    def tables(s: TrainingSchedule, N: int):
+        _pndm_check_for(prk)(s, N)
+        P, L, ratio = _pndm_timesteps(s, N, prk)
+        abar = s.alphas_cumprod.astype(np.float64)
+        alpha = lambda t: abar[t] if t >= 0 else abar[0]  # noqa: E731  (set_alpha_to_one=False)
+        rows, kept = [], 0  # kept: eps values in diffusers' ets (it keeps the last 4, we keep 3 + this one)
+        for c, t in enumerate(P):  # PRK: four calls per step, all from the step's first sample
+            t_from, t_to = int(P[c // 4 * 4]), int(t) - (0 if c % 2 else ratio // 2)
+            phase = c % 4
+            w0, wa = (1.0, 0.0) if phase < 3 else (1 / 6, 1.0)
+            ra, va = ((0.0, 1 / 6), (1.0, 1 / 3), (1.0, 1 / 3), (0.0, 0.0))[phase]
+            rows.append((t_from, t_to, 1.0 if phase == 0 else 0.0, 1.0 if phase == 0 else 0.0,
+                         w0, wa, 0.0, 0.0, 0.0, ra, va, 1.0 if phase == 0 else 0.0))
+            kept += phase == 0
+        for j, t in enumerate(L):  # PLMS; call j of skip_prk_steps' counter
+            t = int(t)
+            if not prk and j == 1:  # the second call re-takes the first step with the mean of both eps
+                rows.append((t + ratio, t, 0.0, 0.0, 0.5, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0))
+                continue
+            kept = min(kept + 1, 4)
+            w = _PLMS_WEIGHTS[kept] + (0.0,) * (4 - kept)
+            rows.append((t, t - ratio, 1.0, 1.0 if (not prk and j == 0) else 0.0, w[0], 0.0, w[1], w[2], w[3],
+                         0.0, 0.0, 1.0))
+        out = []
+        for t_from, t_to, *rest in rows:
+            a_t, a_p = alpha(t_from), alpha(t_to)
+            sc = np.sqrt(a_p / a_t)
+            d = (a_p - a_t) / (a_t * np.sqrt(1 - a_p) + np.sqrt(a_t * (1 - a_t) * a_p))
+            if s.prediction_type == "v_prediction":  # diffusers: e = sqrt(abar) v + sqrt(1 - abar) base, in the step
+                sc, d = sc - d * np.sqrt(1 - a_t), d * np.sqrt(a_t)
+            out.append((sc, d, *rest))
+        return np.concatenate([P, L]).astype(np.int64), np.array(out, np.float64), 1.0
+
+    return tables
+
+
 # --- step formulas: (row, x, eps, noise, prev_x0) -> (x', x0 or None); array-generic ------------
 
 
@@ -195,6 +284,19 @@ def _dpm_step(c, x, eps, noise, prev):
     return c[2] * x + c[3] * x0 + c[4] * prev, x0
 
 
+def _pndm_step(c, x, eps, noise, h):
+    """One PNDM/PLMS call (the columns above); updates the history ``h`` (5, ...) in place."""
+    s, d, u, k, w0, wa, w1, w2, w3, ra, va, a = c
+    e = w0 * eps + wa * h[1] + w1 * h[2] + w2 * h[3] + w3 * h[4]
+    out = s * (u * x + (1 - u) * h[0]) - d * e
+    h[4] = a * h[3] + (1 - a) * h[4]
+    h[3] = a * h[2] + (1 - a) * h[3]
+    h[2] = a * eps + (1 - a) * h[2]
+    h[1] = ra * h[1] + va * eps
+    h[0] = k * x + (1 - k) * h[0]
+    return out, None
+
+
 @dataclass(frozen=True)
 class SamplerDef:
     name: str
@@ -203,7 +305,12 @@ class SamplerDef:
     check: Callable[[TrainingSchedule, int], None] | None = None  # a step count the sampler cannot take
     needs_noise: bool = False
     scales_input: bool = False  # column 0 of the table scales the model input (Euler samplers)
-    multistep: bool = False     # keeps the previous x0 (DPM++)
+    multistep: bool = False     # keeps a history between steps (DPM++: the previous x0; PNDM: H)
+    v_in_step: bool = False     # with a v network the step takes v and converts it itself (vp = (1, 0))
+    history_slots: int = 1      # a multistep history of this many arrays like x (1: x's shape, else stacked first)
+
+    def history_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape) if self.history_slots == 1 else (self.history_slots, *shape)
 
 
 DEFINITIONS: dict[str, SamplerDef] = {
@@ -211,8 +318,17 @@ DEFINITIONS: dict[str, SamplerDef] = {
     "euler": SamplerDef("euler", _euler, _euler_step, scales_input=True),
     "euler_a": SamplerDef("euler_a", _euler_a, _euler_a_step, needs_noise=True, scales_input=True),
     "dpm++": SamplerDef("dpm++", _dpm, _dpm_step, multistep=True),
+    "pndm": SamplerDef("pndm", _pndm_tables_for(True), _pndm_step, check=_pndm_check_for(True), multistep=True,
+                       history_slots=5, v_in_step=True),
+    "plms": SamplerDef("plms", _pndm_tables_for(False), _pndm_step, check=_pndm_check_for(False), multistep=True,
+                       history_slots=5, v_in_step=True),
 }
 assert tuple(DEFINITIONS) == SAMPLER_NAMES
+
+
+def model_calls(name: str, steps: int, schedule: TrainingSchedule | None = None) -> int:
+    """How many model calls ``steps`` steps of sampler ``name`` make (a loop's length)."""
+    return sampler_tables(name, steps, schedule).calls
 
 
 def check_sampler(name: str, steps: int, schedule: TrainingSchedule) -> SamplerDef:
@@ -239,7 +355,9 @@ class Tables:
     definition: SamplerDef
 
     @property
-    def num_steps(self) -> int:
+    def calls(self) -> int:
+        """Model calls of the loop (rows of the tables): the steps, but N + 9 for PNDM and
+        N + 1 for PLMS."""
         return len(self.timesteps)
 
 
@@ -250,6 +368,8 @@ def sampler_tables(name: str, steps: int, schedule: TrainingSchedule | None = No
     sigma = interp_sigmas(schedule, t.astype(np.float64))
     alpha = 1 / np.sqrt(sigma**2 + 1)
     vp = np.stack([alpha, sigma * alpha], axis=1).astype(np.float32)
+    if d.v_in_step and schedule.prediction_type == "v_prediction":
+        vp = np.stack([np.ones_like(alpha), np.zeros_like(alpha)], axis=1).astype(np.float32)
     return Tables(name, t, np.ascontiguousarray(coef, dtype=np.float32), vp, init, d)
 
 
@@ -261,6 +381,7 @@ class NumpySampler:
         self.definition = self.tables.definition
         self.needs_noise = self.definition.needs_noise
         self.timesteps = self.tables.timesteps
+        self.calls = self.tables.calls
         self.init_noise_sigma = self.tables.init_noise_sigma
         self._prev: np.ndarray | None = None
 
@@ -274,8 +395,9 @@ class NumpySampler:
         return alpha * output + sigma_vp * model_input
 
     def step(self, i: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        if self.definition.multistep and (self._prev is None or self._prev.shape != x.shape):
-            self._prev = np.zeros_like(x, dtype=np.float32)  # weighed by 0 on the first step
+        shape = self.definition.history_shape(x.shape)
+        if self.definition.multistep and (self._prev is None or self._prev.shape != shape):
+            self._prev = np.zeros(shape, np.float32)  # weighed by 0 on the first step
         out, x0 = self.definition.step(self.tables.coef[i], x, eps, noise, self._prev)
         if x0 is not None:
             self._prev = x0

@@ -65,8 +65,9 @@ class Checkpoints:
 class HostArrays:
     """numpy on the CPU: the loop the CPU runtime has always run, operation for operation."""
 
-    def sampler(self, name: str, steps: int, clip_sample: float | None = None) -> NumpySampler:
-        return NumpySampler(name, steps, training_schedule(clip_sample=clip_sample))
+    def sampler(self, name: str, steps: int, clip_sample: float | None = None,
+                prediction_type: str = "epsilon") -> NumpySampler:
+        return NumpySampler(name, steps, training_schedule(clip_sample=clip_sample, prediction_type=prediction_type))
 
     def put(self, a: np.ndarray) -> np.ndarray:
         return a
@@ -96,7 +97,7 @@ class HostArrays:
 class _HostGuard:
     def after(self, i: int, x: np.ndarray, req: GenerationRequest) -> None:
         if not np.isfinite(x).all():  # before any trace, checkpoint or video sees them
-            raise nonfinite_error(i + 1, req.steps, req.sampler)
+            raise nonfinite_error(i + 1, req.calls, req.sampler)
 
     def verify(self, done: int, req: GenerationRequest) -> None:
         pass
@@ -112,10 +113,11 @@ class DeviceArrays:
         self.torch = torch
         self.device = torch.device(device)
 
-    def sampler(self, name: str, steps: int, clip_sample: float | None = None):
+    def sampler(self, name: str, steps: int, clip_sample: float | None = None, prediction_type: str = "epsilon"):
         from ..reference.samplers import NoiseSchedule, make_sampler
 
-        return make_sampler(name, steps, NoiseSchedule(clip_sample=clip_sample), device=self.device)
+        return make_sampler(name, steps, NoiseSchedule(clip_sample=clip_sample, prediction_type=prediction_type),
+                            device=self.device)
 
     def put(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -158,7 +160,7 @@ class _DeviceGuard:
     def verify(self, done: int, req: GenerationRequest) -> None:
         flags = self.finite[:done].cpu()
         if not bool(flags.all()):
-            raise nonfinite_error(int(flags.logical_not().nonzero()[0]) + 1, req.steps, req.sampler)
+            raise nonfinite_error(int(flags.logical_not().nonzero()[0]) + 1, req.calls, req.sampler)
 
 
 def engine_guidance(req: GenerationRequest) -> str:
@@ -235,8 +237,9 @@ class Denoiser:
         checkpoints = checkpoints or Checkpoints()
         c, g = self.config.vae.latent_channels, req.guidance_scale
         guidance = engine_guidance(req)
-        cache = StepCache(self.step_cache, req.steps) if self.step_cache.enabled else None
-        sampler = A.sampler(req.sampler, req.steps, self.config.sampling.clip_sample)
+        calls = req.calls  # model calls: the loop's length (PNDM/PLMS call more than once a step)
+        cache = StepCache(self.step_cache, calls) if self.step_cache.enabled else None
+        sampler = A.sampler(req.sampler, req.steps, self.config.sampling.clip_sample, self.config.dit.prediction_type)
         streams = [SeededNoise(r.seed) for r in reqs]
         shape = req.latent_shape(self.config)
 
@@ -260,9 +263,9 @@ class Denoiser:
         feeds = self._feeds(reqs, emb, mask, cond or Conditioning(), branches, latents, timestep)
         step = self._plain_step(guidance, feeds, len(branches)) if cache is None else \
             self._cached_step(cache, guidance, feeds, len(branches))
-        guard = A.guard(req.steps)
+        guard = A.guard(calls)
         key = request_key(req)
-        for i in range(start, req.steps):
+        for i in range(start, calls):
             t0 = time.perf_counter()
             xin = sampler.scale_model_input(x, i)
             copies[...] = xin
@@ -276,14 +279,14 @@ class Denoiser:
                 step_times.append(time.perf_counter() - t0)
             if trace is not None:
                 trace.append(A.host(x))
-            if checkpoints.due(i + 1, req.steps):
+            if checkpoints.due(i + 1, calls):
                 guard.verify(i + 1, req)  # never a non-finite state saved
                 history = sampler.history
                 checkpoints.save(LoopState(key, i + 1, A.host(x), None if history is None else history.copy(),
                                            streams[0].state))
             if callback is not None:
-                callback(i + 1, req.steps)
-        guard.verify(req.steps, req)
+                callback(i + 1, calls)
+        guard.verify(calls, req)
         return Denoised(A.host(x), cache.report() if cache is not None else None, cache.pairs if cache else [])
 
     def _feeds(self, reqs, emb, mask, cond: Conditioning, branches, latents, timestep
@@ -307,7 +310,7 @@ class Denoiser:
             hidden.append({k: A.put(np.zeros_like(v)) for k, v in on.items()})
 
         def feeds(k: int, i: int) -> dict[str, Any]:
-            clip_inputs = shown if i >= req.steps * (1 - req.clip_apply_ratio) else hidden
+            clip_inputs = shown if i >= req.calls * (1 - req.clip_apply_ratio) else hidden
             return {"latents": latents, "timestep": timestep, **fixed[k], **clip_inputs[k]}
 
         return feeds

@@ -53,8 +53,8 @@ class LoopState:
         if self.request != request_key(req):
             raise InputError("resume: this loop state belongs to another request (prompt, size, steps, "
                              "sampler or seed differ)")
-        if not 0 <= self.step <= req.steps:
-            raise InputError(f"resume: the state's step must be in [0, {req.steps}], got {self.step}")
+        if not 0 <= self.step <= req.calls:
+            raise InputError(f"resume: the state's step must be in [0, {req.calls}], got {self.step}")
 
     def to_bytes(self) -> bytes:
         meta = {"format": FORMAT, "request": self.request, "step": self.step, "noise": self.noise}

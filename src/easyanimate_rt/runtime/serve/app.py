@@ -223,7 +223,7 @@ def _submit_route(api, store: JobStore, config: ModelConfig, limits: Limits, max
             raise InputError(f"Idempotency-Key must be 1 to 255 characters, got {len(key)}")
         resolved, req = resolve_request(fields, config, limits)
         # a retry is matched on the body the client sent, not on the resolved request (whose seed was drawn)
-        job, created = await run_in_threadpool(store.submit, resolved, req.steps, key, max_queue, fields)
+        job, created = await run_in_threadpool(store.submit, resolved, req.calls, key, max_queue, fields)
         if created and wake is not None:
             wake.set()
         return JSONResponse(job_json(job, store), status_code=202 if created else 200,
