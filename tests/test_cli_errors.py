@@ -64,6 +64,7 @@ CASES = [
     (["--seed", str(2**64)], "seed must be an integer in [0, 2**64), got 18446744073709551616"),
     (["--seed", "abc"], "seed must be an integer, got 'abc'"),
     (["--sampler", "heun"], "unknown sampler 'heun'"),
+    (["--decode", "blurry"], "decode must be one of ['plain', 'smooth'], got 'blurry'"),
     (["--guidance-mode", "both"], "invalid choice: 'both'"),
     (["--backend", "trt9"], "backend for text_encoder must be one of"),
     (["--backend", "unet=ort"], "unknown network 'unet'"),

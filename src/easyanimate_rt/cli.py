@@ -124,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         image = read_image(args.image)  # a missing or broken file fails before the model loads
     kwargs = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, frames=args.frames,
                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
-                  guidance_mode=args.guidance_mode, image=image)
+                  guidance_mode=args.guidance_mode, image=image, decode=args.decode)
     use_reference = args.backend == "reference"
     if not use_reference:
         parse_backend(args.backend)
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--sampler", help="ddim, euler, euler_a, dpm++, pndm or plms (default: the model's)")
+    p.add_argument("--decode", help="plain (one decode, slice by slice) or smooth (upstream's: the video "
+                   "re-encoded half a slice shifted, decoded again and averaged; about 2x the decode) "
+                   "(default: the model's; smooth on the release presets)")
     p.add_argument("--guidance-mode", choices=["batched", "sequential"], default="batched")
     p.add_argument("--seed", type=_seed, default=0, help="an integer in [0, 2**64) (default 0)")
     p.add_argument("--image", help="image-to-video: the start frame (png/jpg of the video's size; InP models)")

@@ -372,3 +372,25 @@ def test_fingerprint_of_large_files_is_cheap_but_sees_changes(tmp_path, monkeypa
     data[-1] ^= 1  # the last MiB is hashed
     weights.write_bytes(bytes(data))
     assert model_fingerprint(model) != before
+
+
+def test_smoothed_decode_on_the_engines_equals_the_reference(ort_pipe, ref):
+    """decode="smooth" on the runtime: the VAE encoder engines are built with the decoder's
+    (the request asks for them), the frames stream out in several chunks, in order, and
+    equal the reference's smoothed frames (uint8, off by at most one level); the window's
+    frames differ from the plain decode, the frames outside it do not."""
+    import torch
+
+    req = ort_pipe.request(PROMPT, steps=2, seed=3, frames=17, height=64, width=64, decode="smooth")
+    ort_pipe.prepare(req)
+    assert any(key.startswith("vae_encoder/") for _, key in ort_pipe.engines)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal(req.latent_shape(ort_pipe.config)).astype(np.float32)
+    chunks = list(ort_pipe.iter_frames(latents, decode="smooth"))
+    got = np.concatenate(chunks)
+    plain = np.concatenate(list(ort_pipe.iter_frames(latents)))
+    want = np.concatenate(list(ref.iter_frames(torch.from_numpy(latents), "smooth")))
+    assert len(chunks) >= 2 and got.shape == plain.shape == want.shape == (17, 64, 64, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    diff = np.abs(got.astype(int) - plain.astype(int)).reshape(17, -1).max(axis=1)
+    assert (diff[:4] == 0).all() and (diff[13:] == 0).all() and (diff[4:13] > 0).all()  # the window (4, 13)

@@ -356,6 +356,12 @@ def _export_in_child(source: str, seed: int, precision: str, key: str, out: str)
     export_graph(model, spec, out)
 
 
+def _encoders(config: ModelConfig, asked: bool) -> bool:
+    """Whether a build includes the VAE encoder slices: asked, an InP model (its mask and
+    masked video), or a model whose default decode re-encodes (``sampling.decode`` smooth)."""
+    return asked or config.dit.inpaint or config.sampling.decode == "smooth"
+
+
 def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets: Sequence[Bucket], *,
                   guidance: str = "batched", ranged: bool = False, precision: str = "fp32",
                   compute_capability: str | None = None, cache: EngineCache | None = None, model=None,
@@ -365,7 +371,8 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
                   export_dir: Path | None = None, step_cache: bool = False,
                   runner: EngineRunner | None = None) -> list[NetworkBuild]:
     """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring.
-    ``encoders``: also the VAE encoder slices (an InP model's mask and masked-video latents);
+    ``encoders``: also the VAE encoder slices (always for an InP model's mask and masked-video
+    latents, and for a model whose default decode is upstream's smoothed one, which re-encodes);
     ``step_cache``: the DiT as its head and tail graphs (runtime/step_cache.py), not whole;
     ``export_dir``: where a model source is exported (default ``out_dir/export``; graphs of
     the same model already there are reused); ``runner``: the parity gate's engine
@@ -382,7 +389,8 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
     source_path = Path(source)
 
     def needed(config: ModelConfig) -> list[str]:
-        return graphs_needed([bucket_shapes(config, b, guidance, encoders, step_cache) for b in buckets])
+        return graphs_needed([bucket_shapes(config, b, guidance, _encoders(config, encoders), step_cache)
+                              for b in buckets])
 
     def check(config: ModelConfig) -> None:
         """Impossible buckets, and buckets this machine cannot run, before any work."""
@@ -407,7 +415,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         if early is None:
             check(ModelConfig.from_dict(index.config))
     config = ModelConfig.from_dict(index.config)
-    shapes = [bucket_shapes(config, b, guidance, encoders, step_cache) for b in buckets]
+    shapes = [bucket_shapes(config, b, guidance, _encoders(config, encoders), step_cache) for b in buckets]
     keys = graphs_needed(shapes)
     missing = [k for k in keys if k not in index.specs]
     if missing:

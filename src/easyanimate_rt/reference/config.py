@@ -431,8 +431,14 @@ class SamplingDefaults(_Serialisable):
     # kwargs) without clip_sample, so diffusers' default (True, range 1.0) runs: the release
     # presets set 1.0.
     clip_sample: float | None = None
+    # "smooth": upstream's decode_latents (reference/smooth.py: the video re-encoded half a
+    # slice shifted, decoded again and averaged), what the release presets run; "plain": one
+    # decode, slice by slice.
+    decode: str = "plain"
 
     def __post_init__(self) -> None:
+        if self.decode not in ("plain", "smooth"):
+            raise ConfigError(f"SamplingDefaults.decode must be 'plain' or 'smooth', got {self.decode!r}")
         c = self.clip_sample
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
             raise ConfigError(f"SamplingDefaults.clip_sample must be a positive number or null, got {c!r}")
@@ -532,27 +538,27 @@ PRESETS: dict[str, ModelConfig] = {
     "v2-512": ModelConfig(
         name="v2-512", vae=_V2_VAE, dit=_V2_DIT,
         sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=30, guidance_scale=6.0,
-                                  clip_sample=1.0),
+                                  clip_sample=1.0, decode="smooth"),
     ),
     "v2-768": ModelConfig(
         name="v2-768", vae=_V2_VAE, dit=_V2_DIT.replace(sample_size=96),
         sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=30, guidance_scale=6.0,
-                                  clip_sample=1.0),
+                                  clip_sample=1.0, decode="smooth"),
     ),
     "v3-512": ModelConfig(
         name="v3-512", dit=_V3_DIT,
         sampling=SamplingDefaults(height=512, width=512, frames=144, fps=24, steps=25, guidance_scale=7.0,
-                                  clip_sample=1.0),
+                                  clip_sample=1.0, decode="smooth"),
     ),
     "v3-768": ModelConfig(
         name="v3-768", dit=_V3_DIT.replace(sample_size=96),
         sampling=SamplingDefaults(height=384, width=672, frames=144, fps=24, steps=25, guidance_scale=7.0,
-                                  clip_sample=1.0),
+                                  clip_sample=1.0, decode="smooth"),
     ),
     "v3-960": ModelConfig(
         name="v3-960", dit=_V3_DIT.replace(sample_size=120),
         sampling=SamplingDefaults(height=960, width=960, frames=144, fps=24, steps=25, guidance_scale=7.0,
-                                  clip_sample=1.0),
+                                  clip_sample=1.0, decode="smooth"),
     ),
 }
 

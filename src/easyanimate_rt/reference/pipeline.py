@@ -27,6 +27,7 @@ from ..media import from_uint8, to_uint8
 from .request import GUIDANCE_MODES, GenerationRequest, Video, default_request, dit_tokens  # noqa: F401
 from .samplers import NoiseSchedule, make_sampler
 from .schedule import SeededNoise, nonfinite_error
+from .smooth import check_decode, iter_smoothed
 from .weights import EasyAnimateModel, load_model_or_preset
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,17 @@ class ReferencePipeline:
 
     # 4. decode
     @torch.no_grad()
-    def iter_frames(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
-        """Decoded uint8 frames (n, H, W, 3), one VAE slice at a time (constant memory)."""
+    def iter_frames(self, latents: torch.Tensor, decode: str = "plain") -> Iterator[np.ndarray]:
+        """Decoded uint8 frames (n, H, W, 3), one VAE slice at a time (constant memory);
+        ``decode="smooth"``: upstream's smoothed decode (reference/smooth.py), streamed."""
         vae = self.model.vae
-        for chunk in vae.iter_decode(latents.to(next(vae.parameters()).dtype)):
+        plain = vae.iter_decode(latents.to(next(vae.parameters()).dtype))
+        if check_decode(decode) == "smooth":
+            frames = vae.config.video_frames(latents.shape[2])
+            plain = iter_smoothed(plain, frames, vae.config, vae.encode_slice,
+                                  lambda z, s: vae.decode_slice(z, s.start, s.length),
+                                  lambda xs: torch.cat(list(xs), dim=2))
+        for chunk in plain:
             yield to_uint8(chunk[0])
 
     def generate(self, prompt: str, callback: StepCallback | None = None, **kwargs) -> Video:
@@ -235,7 +243,7 @@ class ReferencePipeline:
         latents = self.denoise(req, emb, mask, callback)
         timings["denoise"], t = time.perf_counter() - t, time.perf_counter()
         chunks = []
-        for chunk in self.iter_frames(latents):
+        for chunk in self.iter_frames(latents, req.decode):
             chunks.append(chunk) if sink is None else sink(chunk)
         timings["decode"] = time.perf_counter() - t
         frames = np.concatenate(chunks, axis=0) if chunks else None

@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..media import save_video
 from .config import ModelConfig
 from .schedule import check_sampler, check_seed, model_calls, training_schedule
+from .smooth import check_decode
 
 # Classifier-free guidance past ~20 saturates any model; 100 is a typo, not a setting.
 MAX_GUIDANCE = 100.0
@@ -39,6 +40,8 @@ class GenerationRequest:
     image: np.ndarray | None = field(default=None, compare=False, repr=False)
     # share of the last steps that see the CLIP image embedding (upstream default 0.5)
     clip_apply_ratio: float = 0.5
+    # "plain" or "smooth" (upstream's smoothed decode, reference/smooth.py)
+    decode: str = "plain"
 
     def validate(self, config: ModelConfig) -> None:
         if not isinstance(self.prompt, str):
@@ -68,6 +71,7 @@ class GenerationRequest:
         check_seed(self.seed)
         if self.guidance_mode not in GUIDANCE_MODES:
             raise InputError(f"guidance_mode must be one of {list(GUIDANCE_MODES)}, got {self.guidance_mode!r}")
+        check_decode(self.decode)
         if not 0.0 <= self.clip_apply_ratio <= 1.0:
             raise InputError(f"clip_apply_ratio must be in [0, 1], got {self.clip_apply_ratio!r}")
         if self.image is not None:
@@ -96,7 +100,7 @@ def default_request(config: ModelConfig, prompt: str, **kwargs) -> GenerationReq
     """A request with ``config``'s sampling defaults where ``kwargs`` give None or nothing."""
     d = config.sampling
     base = dict(negative_prompt=d.negative_prompt, height=d.height, width=d.width, frames=d.frames,
-                steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler)
+                steps=d.steps, guidance_scale=d.guidance_scale, sampler=d.sampler, decode=d.decode)
     base.update({k: v for k, v in kwargs.items() if v is not None})
     return GenerationRequest(prompt=prompt, **base)
 

@@ -63,13 +63,15 @@ class EngineSet:
             raise ShapeError(f"no {key} engine for {guidance} guidance; build engines for this size "
                              f"(`easyanimate-rt build --buckets HxWxF`)") from None
 
-    def ensure(self, bucket: Bucket, guidance: str = "batched", build_with: Sequence[Bucket] = ()) -> None:
+    def ensure(self, bucket: Bucket, guidance: str = "batched", build_with: Sequence[Bucket] = (),
+               encoders: bool = False) -> None:
         """Engines for every graph ``bucket`` runs with ``guidance``: loaded, built into the
         engine cache (compile on first use; together with ``build_with``, so several
-        buckets cost one build), or a ShapeError naming what was built."""
+        buckets cost one build), or a ShapeError naming what was built. ``encoders``: the
+        VAE encoder slices too (the smoothed decode re-encodes the video)."""
         # An InP model encodes a mask and a masked video for every request (text-to-video too).
-        shapes = bucket_shapes(self.config, bucket, guidance, image_to_video=self.config.dit.inpaint,
-                               step_cache=self.split)
+        encoders = encoders or self.config.dit.inpaint
+        shapes = bucket_shapes(self.config, bucket, guidance, image_to_video=encoders, step_cache=self.split)
         built_by: dict[str, list[str]] = {}  # engine-building backend -> its missing graphs
         for key in graphs_needed([shapes]):
             engine = self.engines.get((guidance, key))
@@ -84,10 +86,10 @@ class EngineSet:
             else:
                 built_by.setdefault(backend, []).append(key)
         for backend, keys in built_by.items():
-            self._ensure_built(backend, keys, bucket, shapes, guidance, build_with)
+            self._ensure_built(backend, keys, bucket, shapes, guidance, build_with, encoders)
 
     def _ensure_built(self, backend: str, keys: list[str], bucket: Bucket, shapes: BucketShapes, guidance: str,
-                      build_with: Sequence[Bucket]) -> None:
+                      build_with: Sequence[Bucket], encoders: bool = False) -> None:
         """``keys`` from ``backend``'s engine directory: loaded, or built on first use."""
         directory = self.directory(guidance, backend)
         if self._load(directory, backend, guidance, keys, shapes.dims):
@@ -102,7 +104,8 @@ class EngineSet:
                              f"{bucket.name}` or allow compile on first use")
         # a batch of prompts: engines for the largest batch, which every smaller one loads too
         target = replace(bucket, prompts=MAX_PROMPTS) if bucket.prompts > 1 else bucket
-        self._build(directory, backend, sorted(set(built) | {target.name} | {b.name for b in build_with}), guidance)
+        self._build(directory, backend, sorted(set(built) | {target.name} | {b.name for b in build_with}), guidance,
+                    encoders or _has_encoders(directory))
         if not self._load(directory, backend, guidance, keys, shapes.dims):
             raise EngineError(f"{directory}: the engines just built do not cover {bucket.name}")
 
@@ -170,7 +173,7 @@ class EngineSet:
                            "gated_at_load": self.device}
         manifest.save(entry)
 
-    def _build(self, directory: Path, backend: str, buckets: list[str], guidance: str) -> None:
+    def _build(self, directory: Path, backend: str, buckets: list[str], guidance: str, encoders: bool) -> None:
         from ..engines.build import build_engines
 
         t0 = time.perf_counter()
@@ -180,7 +183,7 @@ class EngineSet:
                       [Bucket.parse(b) for b in buckets], guidance=guidance, precision=self.precision,
                       cache=self.cache, model=self.model(), threads=self.threads, seed=self.source.seed,
                       progress=self.progress, index_info={"source_sha256": self.source.fingerprint},
-                      encoders=self.config.dit.inpaint,
+                      encoders=encoders or self.config.dit.inpaint,
                       export_dir=directory.parent / f"export-{self.precision}",  # shared by both guidance modes
                       step_cache=self.split, runner=gate_runner)
         if self.source.path is None:  # a preset's tokenizer, beside the engines it was built with
@@ -191,6 +194,14 @@ class EngineSet:
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
+
+
+def _has_encoders(directory: Path) -> bool:
+    """Whether an engine directory holds VAE encoder engines (a rebuild keeps them)."""
+    try:
+        return any(str(k).startswith("vae_encoder/") for k in read_index(directory).get("networks", {}))
+    except EasyAnimateError:
+        return False
 
 
 def _built_buckets(directory: Path) -> list[str]:

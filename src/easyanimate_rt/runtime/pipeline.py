@@ -32,10 +32,11 @@ from ..engines.budget import check_bucket_budget, check_budget
 from ..engines.buckets import Bucket
 from ..engines.cache import EngineCache
 from ..errors import InputError
-from ..export.spec import MAX_PROMPTS, decoder_variant
+from ..export.spec import MAX_PROMPTS, decoder_variant, encoder_key
 from ..media import VideoWriter, check_output_path, frames_to_uint8
 from ..reference.config import ModelConfig
 from ..reference.request import GenerationRequest, Video, check_batch, default_request
+from ..reference.smooth import check_decode, iter_smoothed
 from .backends import backend as backend_entry
 from .choice import NETWORKS, parse_backend, resolve_backends, resolve_device, torch_dtype, uses_torch  # noqa: F401
 from .conditioning import conditioning
@@ -148,8 +149,10 @@ class Pipeline:
     def engine(self, key: str, guidance: str = "batched") -> Engine:
         return self.engine_set.engine(key, guidance)
 
-    def ensure(self, bucket: Bucket, guidance: str = "batched", build_with: Sequence[Bucket] = ()) -> None:
-        self.engine_set.ensure(bucket, guidance, build_with)
+    def ensure(self, bucket: Bucket, guidance: str = "batched", build_with: Sequence[Bucket] = (),
+               encoders: bool = False) -> None:
+        """Engines for ``bucket`` (and the VAE encoder's with ``encoders``: the smoothed decode)."""
+        self.engine_set.ensure(bucket, guidance, build_with, encoders)
         if self.engine_set.build_seconds:
             self.timings["build"] = self.engine_set.build_seconds
 
@@ -175,7 +178,8 @@ class Pipeline:
 
             memory = torch.cuda.mem_get_info(torch.device(self.device))[0]
         check_budget(self.config, req, max_tokens, memory, prompts)
-        self.ensure(Bucket(req.height, req.width, req.frames, prompts), self.guidance_of(req))
+        self.ensure(Bucket(req.height, req.width, req.frames, prompts), self.guidance_of(req),
+                    encoders=req.decode == "smooth")
 
     @staticmethod
     def guidance_of(req: GenerationRequest) -> str:
@@ -226,13 +230,29 @@ class Pipeline:
         cond = conditioning(self.config, req, lambda key: self.engine(key, guidance), self.clip_encoder)
         return loop.run(reqs, emb, mask, cond, callback, step_times, trace, checkpoints)
 
-    def iter_frames(self, latents: np.ndarray, guidance: str = "batched") -> Iterator[np.ndarray]:
-        """uint8 frames (n, H, W, 3), one decoder slice at a time."""
+    def iter_frames(self, latents: np.ndarray, guidance: str = "batched", decode: str = "plain"
+                    ) -> Iterator[np.ndarray]:
+        """uint8 frames (n, H, W, 3), one decoder slice at a time; ``decode="smooth"``:
+        upstream's smoothed decode (reference/smooth.py) on the VAE encoder and decoder
+        engines, streamed in order."""
         z = np.asarray(latents, np.float32)
-        for s in self.config.vae.slice_plan(z.shape[2]):
+        vae = self.config.vae
+
+        def decode_slice(context: np.ndarray, s) -> np.ndarray:
             engine = self.engine(f"vae_decoder/{decoder_variant(self.config, s)}", guidance)
-            frames = engine.run({"context": np.ascontiguousarray(z[:, :, s.ctx_start:s.ctx_end])})["frames"]
-            yield frames_to_uint8(to_host(frames)[0])
+            return to_host(engine.run({"context": np.ascontiguousarray(context)})["frames"]).astype(np.float32)
+
+        def encode_slice(frames: np.ndarray) -> np.ndarray:
+            engine = self.engine(str(encoder_key(frames.shape[2])), guidance)
+            return to_host(engine.run({"frames": np.ascontiguousarray(frames, np.float32)})["latents"]
+                           ).astype(np.float32)
+
+        plain = (decode_slice(z[:, :, s.ctx_start:s.ctx_end], s) for s in vae.slice_plan(z.shape[2]))
+        if check_decode(decode) == "smooth":
+            plain = iter_smoothed(plain, vae.video_frames(z.shape[2]), vae, encode_slice, decode_slice,
+                                  lambda xs: np.concatenate(xs, axis=2))
+        for frames in plain:
+            yield frames_to_uint8(frames[0])
 
     def _run(self, reqs: Sequence[GenerationRequest], callback: StepCallback | None,
              sink: Callable[[np.ndarray], None] | None, max_tokens: int | None,
@@ -258,7 +278,7 @@ class Pipeline:
         for k in range(n):
             t, write = time.perf_counter(), 0.0
             chunks = []
-            for chunk in self.iter_frames(latents[k:k + 1], self.guidance_of(reqs[k])):
+            for chunk in self.iter_frames(latents[k:k + 1], self.guidance_of(reqs[k]), reqs[k].decode):
                 if sink is None:
                     chunks.append(chunk)
                 else:

@@ -27,7 +27,8 @@ from .store import JobStore
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("prompt", "negative_prompt", "height", "width", "frames", "steps", "guidance_scale", "sampler", "seed")
+FIELDS = ("prompt", "negative_prompt", "height", "width", "frames", "steps", "guidance_scale", "sampler", "seed",
+          "decode")
 SEED_LIMIT = 2**63  # a seed the server draws for a request without one (stored, so a resumed job keeps it)
 
 
@@ -71,6 +72,7 @@ def body_model():
         guidance_scale: float | None = None
         sampler: str | None = None
         seed: int | None = None
+        decode: str | None = None
 
     return VideoRequest
 
