@@ -119,8 +119,8 @@ class Pipeline:
         pipe = cls(config, source, None, engines, device=device, precision=precision, cuda_graphs=cuda_graphs,
                    clip_encoder=clip_encoder, step_cache=settings)
         wanted = buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]
-        for b in wanted:  # one build for all of them, when any is missing
-            engines.ensure(b, guidance, build_with=wanted)
+        for b in wanted:  # one build for all of them, when any is missing (the encoders too for a smooth decode)
+            engines.ensure(b, guidance, build_with=wanted, encoders=config.sampling.decode == "smooth")
         pipe.tokenize = source.tokenizer(config, loaded[0], engines.directory(guidance, backends["text_encoder"]))
         if engines.build_seconds:
             pipe.timings["build"] = engines.build_seconds
