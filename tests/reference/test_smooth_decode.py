@@ -6,7 +6,6 @@ stays a smoothing of the same frames; the runtime's engines give the reference's
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from test_upstream_fixtures import FIXTURES, io, vae

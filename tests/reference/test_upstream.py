@@ -25,6 +25,9 @@ V2_VAE_JSON = {"_class_name": "AutoencoderKLMagvit", "ch": 128, "ch_mult": [1, 2
                "scaling_factor": 0.18215, "slice_compression_vae": False, "mini_batch_encoder": 9,
                "mini_batch_decoder": 3}
 V3_VAE_JSON = dict(V2_VAE_JSON, slice_compression_vae=True, mini_batch_encoder=8, mini_batch_decoder=2)
+#: what a kwargs dict must say for this DiT (upstream's VanillaTemporalModule defaults to
+#: num_transformer_block 2 and no position encoding where a dict leaves them out)
+MM = {"num_transformer_block": 1, "temporal_position_encoding": True}
 DIT_JSON = {"_class_name": "Transformer3DModel", "num_layers": 28, "num_attention_heads": 16,
             "attention_head_dim": 72, "in_channels": 4, "out_channels": 8, "patch_size": 2, "sample_size": 64,
             "caption_channels": 4096, "norm_type": "ada_norm_single", "activation_fn": "gelu-approximate",
@@ -66,7 +69,7 @@ def test_ambiguous_directories_ask_for_a_preset_and_say_why(tmp_path, dit, vae, 
 
 def test_motion_module_keys_in_a_config_decide_the_version(tmp_path):
     dit = dict(DIT_JSON, basic_block_type="global_motionmodule", motion_module_type="Vanilla",
-               motion_module_kwargs_even={"num_attention_heads": 16, "block_size": 1}, in_channels=12)
+               motion_module_kwargs_even={**MM, "num_attention_heads": 16, "block_size": 1}, in_channels=12)
     fields = dit_fields(tmp_path / "config.json", dit)
     assert fields["hybrid_global_attention"] and fields["temporal_num_heads"] == 16
     assert fields["temporal_block_size"] == 1 and fields["inpaint_channels"] == 8 and fields["clip_channels"] == 768
@@ -213,7 +216,7 @@ def test_upstream_checkpoints_of_other_depths_keep_upstreams_skip_wiring(tmp_pat
 
 def test_a_clash_names_the_preset_only_when_one_was_passed(tmp_path):
     grid_v3 = dict(DIT_JSON, in_channels=12, basic_block_type="global_motionmodule", motion_module_type="VanillaGrid",
-                   motion_module_kwargs_even={"num_attention_heads": 16})
+                   motion_module_kwargs_even={**MM, "num_attention_heads": 16, "block_size": 2})
     odd = _dir(tmp_path / "odd", grid_v3, V3_VAE_JSON)
     with pytest.raises(CheckpointError, match=r"describes another release than preset 'v3-512' "
                                               r"\(temporal_block_size: file 2, preset 1\)"):
@@ -224,19 +227,20 @@ def test_a_clash_names_the_preset_only_when_one_was_passed(tmp_path):
     assert "than preset" not in str(err.value)
 
 
-@pytest.mark.parametrize("change, rule", [
-    ({"motion_module_kwargs_even": {"num_attention_heads": 16, "temporal_position_encoding": False}},
-     r"motion_module_kwargs_even\.temporal_position_encoding=False is not supported"),
+@pytest.mark.parametrize("change, rule", [  # (tests/reference/test_upstream_motion.py: what is honoured)
+    ({"motion_module_kwargs_even": {**MM, "num_attention_heads": 16, "qk_norm": True}},
+     r"motion_module_kwargs_even\.qk_norm=True is not supported"),
     ({"motion_module_kwargs": {"remove_time_embedding_in_photo": True}},
-     r"motion_module_kwargs\.remove_time_embedding_in_photo=True is not supported"),
-    ({"motion_module_kwargs_even": {"num_attention_heads": 16}, "motion_module_kwargs_odd": {"num_attention_heads": 8}},
-     r"motion_module_kwargs_odd\.num_attention_heads=8 differs from the even blocks' 16"),
+     r"motion_module_kwargs\.num_transformer_block=2 \(upstream's default where the dict leaves it out\)"),
+    ({"motion_module_type": "VanillaGrid", "motion_module_kwargs_even": {**MM, "block_size": 2},
+      "motion_module_kwargs_odd": {**MM, "block_size": 1}},
+     r"motion_module_kwargs_odd\.block_size=1 differs from the even blocks' 2"),
 ])
 def test_motion_module_settings_that_change_the_output_are_refused(tmp_path, change, rule):
     with pytest.raises(CheckpointError, match=rule):
         dit_fields(tmp_path / "config.json", dict(DIT_JSON, **change))
-    same = {"motion_module_kwargs_even": {"num_attention_heads": 16, "temporal_position_encoding": True},
-            "motion_module_kwargs_odd": {"num_attention_heads": 16}}
+    same = {"motion_module_kwargs_even": {**MM, "num_attention_heads": 16, "temporal_position_encoding": True},
+            "motion_module_kwargs_odd": {**MM, "num_attention_heads": 16}}
     assert dit_fields(tmp_path / "config.json", dict(DIT_JSON, **same))["temporal_num_heads"] == 16
 
 

@@ -307,6 +307,15 @@ class DiTConfig(_Serialisable):
     temporal_block_size: int = 1  # 2 = Grid Reshape
     temporal_max_positions: int = 4096
     hybrid_global_attention: bool = False  # V3: odd blocks use global attention
+    # The odd blocks' temporal heads where they differ from the even blocks' (upstream's
+    # motion_module_kwargs_odd.num_attention_heads); None: temporal_num_heads.
+    temporal_num_heads_odd: int | None = None
+    # Frame positions (sin/cos table) added to every motion-module attention's input
+    # (upstream's temporal_position_encoding); False: no position table at all.
+    temporal_position_encoding: bool = True
+    # Upstream's remove_time_embedding_in_photo: for a single frame the temporal attentions
+    # add no position (the global attention of hybrid blocks still does).
+    remove_time_embedding_in_photo: bool = False
     long_skips: bool = True
     # How the U-ViT skips are wired (skip_plan): "symmetric" (ours: the first
     # floor((D-2)/2) blocks feed the last ones in reverse) or "upstream" (EasyAnimate's own
@@ -339,10 +348,12 @@ class DiTConfig(_Serialisable):
                               f"{self.num_layers}")
         if self.temporal_block_size not in (1, 2):
             raise ConfigError(f"DiTConfig.temporal_block_size must be 1 or 2, got {self.temporal_block_size}")
-        if self.motion_module and self.hidden_size % self.temporal_num_heads:
-            raise ConfigError(
-                f"DiTConfig.temporal_num_heads must divide hidden_size={self.hidden_size}, "
-                f"got {self.temporal_num_heads}")
+        if self.temporal_num_heads_odd is not None:
+            _positive(self, "temporal_num_heads_odd")
+        for name in ("temporal_num_heads", "temporal_num_heads_odd"):
+            heads = getattr(self, name)
+            if self.motion_module and heads is not None and self.hidden_size % heads:
+                raise ConfigError(f"DiTConfig.{name} must divide hidden_size={self.hidden_size}, got {heads}")
         if self.motion_module and self.hidden_size % self.motion_norm_groups:
             raise ConfigError(
                 f"DiTConfig.motion_norm_groups must divide hidden_size={self.hidden_size}, "
@@ -370,6 +381,12 @@ class DiTConfig(_Serialisable):
         """Latent height and width must be multiples of this: the patch, times the Grid
         Reshape block where a motion module folds 2x2 neighbourhoods into time."""
         return self.patch_size * (self.temporal_block_size if self.motion_module else 1)
+
+    def motion_heads(self, index: int) -> int:
+        """Temporal heads of block ``index``'s motion module (the odd blocks may differ)."""
+        if index % 2 == 1 and self.temporal_num_heads_odd is not None:
+            return self.temporal_num_heads_odd
+        return self.temporal_num_heads
 
     @property
     def out_channels(self) -> int:

@@ -181,15 +181,19 @@ class FeedForward(nn.Module):
 
 class TemporalAttention(Attention):
     """Attention over a sequence of frames (or all clip tokens), with frame positions
-    added to the attention input only (AnimateDiff VersatileAttention)."""
+    added to the attention input only (AnimateDiff VersatileAttention). Without
+    ``position_encoding`` there is no table and nothing is added (upstream's
+    temporal_position_encoding false: its pos_encoder is None)."""
 
-    def __init__(self, dim: int, heads: int, max_positions: int):
+    def __init__(self, dim: int, heads: int, max_positions: int, position_encoding: bool = True):
         super().__init__(dim, heads, qkv_bias=False)
-        self.pos_encoder = _PositionalEncoding(dim, max_positions)
+        self.pos_encoder = _PositionalEncoding(dim, max_positions) if position_encoding else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        pe = self.pos_encoder.pe[0].index_select(0, positions)         # (N, D)
-        return super().forward(x + pe.to(x.dtype))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        if self.pos_encoder is not None and positions is not None:
+            pe = self.pos_encoder.pe[0].index_select(0, positions)     # (N, D)
+            x = x + pe.to(x.dtype)
+        return super().forward(x)
 
 
 class _PositionalEncoding(nn.Module):
@@ -200,20 +204,22 @@ class _PositionalEncoding(nn.Module):
 
 
 class TemporalTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, max_positions: int):
+    def __init__(self, dim: int, heads: int, max_positions: int, position_encoding: bool = True):
         super().__init__()
-        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_positions) for _ in range(2)])
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_positions, position_encoding)
+                                               for _ in range(2)])
         self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2)])
         self.ff = FeedForward(dim, gated=True)
         self.ff_norm = nn.LayerNorm(dim)
 
 
 class TemporalTransformer(nn.Module):
-    def __init__(self, dim: int, heads: int, groups: int, max_positions: int):
+    def __init__(self, dim: int, heads: int, groups: int, max_positions: int, position_encoding: bool = True):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(dim, dim)
-        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(dim, heads, max_positions)])
+        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(dim, heads, max_positions,
+                                                                          position_encoding)])
         self.proj_out = nn.Linear(dim, dim)
 
 
@@ -224,14 +230,19 @@ class MotionModule(nn.Module):
     folded into the temporal sequence (4F tokens, frame-major, the 4 tokens of a frame
     share its position). ``global_second`` replaces the second temporal attention by
     attention over all F*L tokens of the clip (V3 hybrid motion module).
+    ``photo_without_positions``: a single frame gets no position in the temporal
+    attentions (upstream's remove_time_embedding_in_photo, motion_module.py:396-401 at
+    f9eeabe); the global attention adds its table regardless (motion_module.py:416-417).
     """
 
     def __init__(self, dim: int, heads: int, groups: int, max_positions: int,
-                 block_size: int, global_second: bool):
+                 block_size: int, global_second: bool, position_encoding: bool = True,
+                 photo_without_positions: bool = False):
         super().__init__()
         self.block_size = block_size
         self.global_second = global_second
-        self.temporal_transformer = TemporalTransformer(dim, heads, groups, max_positions)
+        self.photo_without_positions = photo_without_positions
+        self.temporal_transformer = TemporalTransformer(dim, heads, groups, max_positions, position_encoding)
 
     def forward(self, x: torch.Tensor, frames: int, h: int, w: int) -> torch.Tensor:
         tt = self.temporal_transformer
@@ -247,6 +258,7 @@ class MotionModule(nn.Module):
         y = y.permute(0, 2, 4, 1, 3, 5, 6)                             # (B, h/s, w/s, F, s, s, D)
         y = y.reshape(b * (h // s) * (w // s), frames * s * s, d)      # (B*L/s^2, F*s^2, D)
         positions = torch.arange(frames, device=x.device).repeat_interleave(s * s)  # (F*s^2,)
+        temporal_positions = None if self.photo_without_positions and frames == 1 else positions
         for j, (attn, norm) in enumerate(zip(block.attention_blocks, block.norms)):
             if j == 1 and self.global_second:
                 g = self._to_clip(y, b, frames, h, w)                  # (B, F*L, D)
@@ -254,7 +266,7 @@ class MotionModule(nn.Module):
                 g = attn(norm(g), g_pos) + g
                 y = self._from_clip(g, b, frames, h, w)                # (B*L/s^2, F*s^2, D)
             else:
-                y = attn(norm(y), positions) + y
+                y = attn(norm(y), temporal_positions) + y
         y = block.ff(block.ff_norm(y)) + y
         y = self._to_clip(y, b, frames, h, w).reshape(bf, l, d)        # (B*F, L, D)
         return tt.proj_out(y) + residual
@@ -287,9 +299,13 @@ class VideoDiTBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, d))
         self.attn_temporal = None
         if cfg.motion_module:
+            # upstream builds block d from motion_module_kwargs_even if d % 2 == 0 else _odd
+            # (transformer3d.py:306 at f9eeabe): the odd blocks' heads may differ
             self.attn_temporal = MotionModule(
-                d, cfg.temporal_num_heads, cfg.motion_norm_groups, cfg.temporal_max_positions,
-                cfg.temporal_block_size, global_second=cfg.hybrid_global_attention and index % 2 == 1)
+                d, cfg.motion_heads(index), cfg.motion_norm_groups, cfg.temporal_max_positions,
+                cfg.temporal_block_size, global_second=cfg.hybrid_global_attention and index % 2 == 1,
+                position_encoding=cfg.temporal_position_encoding,
+                photo_without_positions=cfg.remove_time_embedding_in_photo)
 
     def modulation(self, t6: torch.Tensor, frames: int) -> tuple[torch.Tensor, ...]:
         """AdaLN-single: (shift, scale, gate) for attention and for the MLP, (B*F, 1, D) each."""
