@@ -138,6 +138,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InputError(f"--cache-threshold {args.cache_threshold} needs a policy: --cache fbcache or teacache")
         cache = CacheSettings(args.cache, args.cache_threshold)  # a bad setting fails here, before any work
     config = read_config(model)  # torch-free; None for an upstream release directory
+    loras = ()
+    if args.lora:  # every file and weight checked before any model loads
+        from .reference.lora import adapters_of
+
+        loras = adapters_of(args.lora)
     if config is not None:  # refuse a bad request before any model or engine loads
         from .reference.request import default_request
         from .engines.budget import check_budget
@@ -161,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .reference.pipeline import ReferencePipeline
 
         pipe = ReferencePipeline.from_pretrained(model, device=resolve_device(device),
-                                                 clip_model=args.clip_model)
+                                                 clip_model=args.clip_model, loras=loras)
     else:
         from .runtime.pipeline import Pipeline
 
@@ -175,13 +180,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                         compile=not args.no_compile, progress=None if args.quiet else progress,
                                         device=device, cuda_graphs=not args.no_cuda_graphs,
                                         clip_model=args.clip_model, cache=args.cache,
-                                        cache_threshold=cache.threshold if cache else None)
+                                        cache_threshold=cache.threshold if cache else None, loras=loras)
     for bar in stages:
         bar.close()
     if Path(model).is_dir():
         print(f"model: {model}")
     else:
         print(f"model: preset {model!r} with random weights (no trained model given)")
+    for adapter in loras:
+        print(f"LoRA: {adapter.path} at weight {adapter.weight:g}")
     req = pipe.request(args.prompt, **kwargs)
     if config is None:  # an upstream release directory: its rules once its config is loaded
         req.validate(pipe.config)
@@ -315,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-mode", choices=["batched", "sequential"], default="batched")
     p.add_argument("--seed", type=_seed, default=0, help="an integer in [0, 2**64) (default 0)")
     p.add_argument("--image", help="image-to-video: the start frame (png/jpg of the video's size; InP models)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA (upstream/kohya or diffusers/PEFT safetensors) merged into the model at WEIGHT "
+                        "(default 1.0; upstream's scripts use 0.55); repeatable; its engines are its own")
     p.add_argument("--clip-model", help="local CLIP vision model directory (CLIPVisionModelWithProjection) "
                                         "for --image; without it the start image conditions through the VAE only")
     p.add_argument("--backend", default="auto", help=GENERATE_BACKENDS)

@@ -272,22 +272,29 @@ def _config_of(graph_dir: Path) -> dict[str, Any]:
 
 
 def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[ModelConfig], list[str]], seed: int,
-                progress, model=None) -> ExportIndex:
+                progress, model=None, adapters: Sequence[Any] = ()) -> ExportIndex:
     """Export the graphs ``keys_of(config)`` names, from a model directory or preset, into
     ``out``; graphs an earlier export of the same model (by fingerprint) left there are
     reused. With two or more cores the DiT, the slowest graph, is traced in a second
-    process while this one traces the rest."""
+    process while this one traces the rest. ``adapters``: LoRA adapters merged into the
+    model (``model`` has them merged; the second process merges them too), part of the
+    export's fingerprint."""
     from ..export.index import check_graph
     from ..export.index import read_index as read_export_index
     from ..export.index import write_index as write_export_index
     from ..export.onnx import _versions as export_versions
     from ..export.onnx import export_graph
     from ..export.spec import make_specs
-    from ..reference.config import model_fingerprint
+    from ..reference.config import adapters_fingerprint, model_fingerprint
     from ..reference.weights import load_model_or_preset
 
-    fingerprint = model_fingerprint(source, seed)
-    model = model if model is not None else load_model_or_preset(source, seed=seed)
+    fingerprint = adapters_fingerprint(model_fingerprint(source, seed), adapters)
+    if model is None:
+        model = load_model_or_preset(source, seed=seed)
+        if adapters:
+            from ..reference.lora import merge_logged
+
+            merge_logged(model, adapters)
     keys = keys_of(model.config)
     have: set[str] = set()
     if (out / EXPORT_INDEX).is_file():
@@ -318,9 +325,10 @@ def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[Model
         import sys
 
         code = ("import sys; from easyanimate_rt.engines.build import _export_in_child; "
-                "_export_in_child(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])")
-        child = subprocess.Popen([sys.executable, "-c", code, str(source), str(seed), precision, slowest, str(out)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                "_export_in_child(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])")
+        lora_args = [f"{a.path}\t{a.weight!r}\t{a.sha256}" for a in adapters]
+        child = subprocess.Popen([sys.executable, "-c", code, str(source), str(seed), precision, slowest, str(out),
+                                  *lora_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         specs = [s for s in specs if s.key != slowest]
         if progress:
             progress(f"export {slowest} (in a second process)")
@@ -345,13 +353,18 @@ def _export_for(source: str, out: Path, precision: str, keys_of: Callable[[Model
     return load_export(out)
 
 
-def _export_in_child(source: str, seed: int, precision: str, key: str, out: str) -> None:
+def _export_in_child(source: str, seed: int, precision: str, key: str, out: str, loras: Sequence[str] = ()) -> None:
     from ..export.onnx import export_graph
     from ..export.spec import make_specs
     from ..reference.weights import load_model_or_preset
 
     logging.getLogger("easyanimate_rt").setLevel(logging.WARNING)
     model = load_model_or_preset(source, seed=seed)
+    if loras:  # the parent's adapters, the files checked against their hashes when read
+        from ..reference.lora import Adapter, merge_loras
+
+        merge_loras(model, [Adapter(path, float(weight), sha) for path, weight, sha in
+                            (item.split("\t") for item in loras)])
     spec = next(s for s in make_specs(model.config, precision, EXPORT_NETWORKS) if s.key == key)
     export_graph(model, spec, out)
 
@@ -369,14 +382,16 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
                   progress: Callable[[str], None] | None = None,
                   index_info: dict[str, Any] | None = None, encoders: bool = False,
                   export_dir: Path | None = None, step_cache: bool = False,
-                  runner: EngineRunner | None = None) -> list[NetworkBuild]:
+                  runner: EngineRunner | None = None, adapters: Sequence[Any] = ()) -> list[NetworkBuild]:
     """Build (or reuse from ``cache``) the engines ``buckets`` need; see the module docstring.
     ``encoders``: also the VAE encoder slices (always for an InP model's mask and masked-video
     latents, and for a model whose default decode is upstream's smoothed one, which re-encodes);
     ``step_cache``: the DiT as its head and tail graphs (runtime/step_cache.py), not whole;
     ``export_dir``: where a model source is exported (default ``out_dir/export``; graphs of
     the same model already there are reused); ``runner``: the parity gate's engine
-    (:data:`EngineRunner`; the runtime and the CLI pass the runtime's Engine class)."""
+    (:data:`EngineRunner`; the runtime and the CLI pass the runtime's Engine class);
+    ``adapters``: LoRA adapters merged into the model (``model``, when given, has them
+    merged already), part of the export's fingerprint."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if not buckets:
@@ -411,7 +426,7 @@ def build_engines(source: str | Path, out_dir: str | Path, backend: str, buckets
         if early is not None:  # (an upstream release directory's config needs the loader)
             check(early)
         claim_dir(export_out, (EXPORT_INDEX,), "export directory", option="the export folder")
-        index = _export_for(str(source), export_out, precision, needed, seed, progress, model)
+        index = _export_for(str(source), export_out, precision, needed, seed, progress, model, adapters)
         if early is None:
             check(ModelConfig.from_dict(index.config))
     config = ModelConfig.from_dict(index.config)

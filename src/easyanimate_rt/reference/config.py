@@ -8,9 +8,10 @@ the field and the bad value. Configs round-trip through ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from ..errors import CheckpointError, ConfigError, ShapeError
 
@@ -623,6 +624,17 @@ def preset_name(source: str | Path) -> str:
                               f"presets: {sorted(PRESETS)})")
     from_preset(str(source))  # an unknown name: the error lists the presets
     return str(source)
+
+
+def adapters_fingerprint(base: str, adapters: Sequence[Any] = ()) -> str:
+    """A model fingerprint with LoRA adapters (reference/lora.py Adapter: file sha256 and
+    weight each, in order) folded in; the base fingerprint when there are none."""
+    if not adapters:
+        return base
+    h = hashlib.sha256(base.encode())
+    for a in adapters:
+        h.update(f"|lora {a.sha256} {a.weight!r}".encode())
+    return h.hexdigest()
 
 
 def model_fingerprint(source: str | Path, seed: int = 0) -> str:

@@ -56,16 +56,24 @@ class ReferencePipeline:
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: torch.device | str = "cpu",
-                        preset: str | None = None, clip_model: str | Path | None = None
+                        preset: str | None = None, clip_model: str | Path | None = None, loras=()
                         ) -> "ReferencePipeline":
         """``source``: a model directory, or a preset name for random weights;
-        ``clip_model``: a local CLIP vision model directory (image-to-video)."""
+        ``clip_model``: a local CLIP vision model directory (image-to-video); ``loras``:
+        LoRA adapters merged into the model (lora.adapters_of: paths,
+        ``PATH:WEIGHT`` or (path, weight)), checked before the model loads."""
+        from .lora import adapters_of, merge_logged
+
+        adapters = adapters_of(loras)
         clip = None
         if clip_model is not None:
             from .clip import ClipImageEncoder
 
             clip = ClipImageEncoder.from_pretrained(clip_model, device)
-        return cls(load_model_or_preset(source, preset=preset), device, clip)
+        model = load_model_or_preset(source, preset=preset)
+        if adapters:
+            merge_logged(model, adapters)
+        return cls(model, device, clip)
 
     def request(self, prompt: str, **kwargs) -> GenerationRequest:
         """A request filled with this model's sampling defaults."""

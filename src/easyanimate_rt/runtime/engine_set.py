@@ -185,10 +185,16 @@ class EngineSet:
                       progress=self.progress, index_info={"source_sha256": self.source.fingerprint},
                       encoders=encoders or self.config.dit.inpaint,
                       export_dir=directory.parent / f"export-{self.precision}",  # shared by both guidance modes
-                      step_cache=self.split, runner=gate_runner)
+                      step_cache=self.split, runner=gate_runner, adapters=self.source.adapters)
         if self.source.path is None:  # a preset's tokenizer, beside the engines it was built with
             self.model().text_encoder.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self.build_seconds += time.perf_counter() - t0
+
+    def use_source(self, source: ModelSource) -> None:
+        """The same model with other adapters from now on: its engines are its own (their
+        directory is named by the source's fingerprint), loaded or built on demand."""
+        self.close()
+        self.source = source
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -69,7 +70,8 @@ class Pipeline:
                         threads: int | None = None, seed: int = 0, compile: bool = True, guidance: str = "batched",
                         progress: Callable[[str], None] | None = None, device: str = "auto",
                         cuda_graphs: bool = True, clip_model: str | Path | None = None,
-                        cache: str | CacheSettings = "none", cache_threshold: float | None = None) -> "Pipeline":
+                        cache: str | CacheSettings = "none", cache_threshold: float | None = None,
+                        loras: Sequence[Any] = ()) -> "Pipeline":
         """``source``: a model directory or preset name. Loads (or, on first use, builds)
         the engines ``buckets`` need (default: the model's default size). ``backend``:
         runtime/choice.py (``auto``, a registry name, or per network); ``device`` "cuda"
@@ -78,10 +80,13 @@ class Pipeline:
         cuda where a CUDA device is visible (then ``precision`` defaults to bf16), else cpu
         (fp32). ``cache``: step caching (runtime/step_cache.py: "fbcache", "teacache" or
         CacheSettings) with its ``cache_threshold``; the DiT then runs as its head and
-        tail engines."""
+        tail engines. ``loras``: LoRA adapters merged into the model (``PATH[:WEIGHT]``,
+        (path, weight) or reference.lora.Adapter; :meth:`set_loras` switches them later);
+        they are part of the model source, so their engines are their own."""
         t0 = time.perf_counter()
         choice = parse_backend(backend)
-        source = ModelSource.of(source, seed)
+        source = ModelSource.of(source, seed, loras)
+        source_holder = SimpleNamespace(source=source)
         settings = cache if isinstance(cache, CacheSettings) else CacheSettings(
             cache, cache_threshold, rescale=load_rescale(source.path) if cache == "teacache" else None)
         # an explicit CPU backend keeps device auto on the CPU
@@ -94,11 +99,12 @@ class Pipeline:
             for b in buckets or ():
                 check_bucket_budget(source.config, b.height, b.width, b.frames, b.prompts, guidance)
         loaded: list = [None]
+        engine_set: list = [None]  # the EngineSet once made: its source carries set_loras' adapters
 
         def model():
             """The reference model (torch), loaded on first need: the torch backends, builds."""
             if loaded[0] is None:
-                loaded[0] = source.load()
+                loaded[0] = (engine_set[0] or source_holder).source.load()  # the adapters of the moment
                 if device != "cpu":
                     loaded[0] = loaded[0].to(device, torch_dtype(precision))
             return loaded[0]
@@ -116,8 +122,10 @@ class Pipeline:
         engines = EngineSet(source, config, backends, model, cache=EngineCache(cache_dir), engine_dir=engine_dir,
                             precision=precision, threads=threads, compile=compile, device=device,
                             split=settings.enabled, progress=progress)
+        engine_set[0] = engines
         pipe = cls(config, source, None, engines, device=device, precision=precision, cuda_graphs=cuda_graphs,
                    clip_encoder=clip_encoder, step_cache=settings)
+        pipe._loaded = loaded
         wanted = buckets or [Bucket(config.sampling.height, config.sampling.width, config.sampling.frames)]
         for b in wanted:  # one build for all of them, when any is missing (the encoders too for a smooth decode)
             engines.ensure(b, guidance, build_with=wanted, encoders=config.sampling.decode == "smooth")
@@ -159,6 +167,22 @@ class Pipeline:
     def model(self):
         """The reference model (torch), loaded on first need."""
         return self.engine_set.model()
+
+    def set_loras(self, loras: Sequence[Any]) -> None:
+        """Switch the LoRA adapters (none: the base model). Every file and weight is checked
+        before anything changes; the engines of the new set are loaded or built on the next
+        request (their own cache entry); a loaded reference model is re-merged in place
+        from its kept base weights (the torch backends' CUDA graphs keep their addresses)."""
+        source = self.source.with_loras(loras)
+        if source.fingerprint == self.source.fingerprint:
+            return
+        loaded = getattr(self, "_loaded", [None])[0]
+        if loaded is not None:
+            from .source import merge_into
+
+            merge_into(loaded, source.adapters)
+        self.engine_set.use_source(source)
+        self.source = source
 
     # --- generation ------------------------------------------------------------------------
 
