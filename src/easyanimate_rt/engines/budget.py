@@ -45,7 +45,8 @@ def shape_peak_bytes(config: ModelConfig, height: int, width: int, frames: int, 
     if d.hybrid_global_attention:
         scores = max(scores, batch * d.num_attention_heads * tokens * tokens)
     if d.motion_module:
-        scores = max(scores, batch * d.temporal_num_heads * spatial * latent * latent)
+        heads = max(d.temporal_num_heads, d.temporal_num_heads_odd or 0)  # the odd blocks may have their own
+        scores = max(scores, batch * heads * spatial * latent * latent)
     decode = 3 * 128 * 8 * height * width * 4  # one slice: 128 channels, ~8 frames, a few buffers
     return (parameter_count(config) + stream + scores + decode) * FLOAT
 
