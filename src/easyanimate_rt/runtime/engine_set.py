@@ -190,13 +190,28 @@ class EngineSet:
             self.model().text_encoder.tokenizer.save_pretrained(str(directory / "tokenizer"))
         self.build_seconds += time.perf_counter() - t0
 
+    #: engine sets of recent sources kept loaded (a server's workers switch LoRA sets per job)
+    KEEP_SOURCES = 2
+
     def use_source(self, source: ModelSource) -> None:
         """The same model with other adapters from now on: its engines are its own (their
-        directory is named by the source's fingerprint), loaded or built on demand."""
-        self.close()
+        directory is named by the source's fingerprint), loaded or built on demand; the
+        engines of the last :attr:`KEEP_SOURCES` sources stay loaded (a small LRU)."""
+        if source.fingerprint == self.source.fingerprint:
+            return
+        kept = vars(self).setdefault("_kept", {})  # fingerprint -> engines, oldest first
+        if self.engines:
+            kept[self.source.fingerprint] = self.engines
+        self.engines = kept.pop(source.fingerprint, {})
+        while len(kept) > self.KEEP_SOURCES - 1:
+            for engine in kept.pop(next(iter(kept))).values():
+                engine.close()
         self.source = source
 
     def close(self) -> None:
+        for engines in vars(self).pop("_kept", {}).values():
+            for engine in engines.values():
+                engine.close()
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import EasyAnimateError, InputError
 from ...reference.config import ModelConfig
-from .jobs import Limits, body_model, resolve_request
+from .jobs import Limits, LoraLibrary, body_model, resolve_request
 from .metrics import Metrics
 from .store import FINAL, STATUSES, Conflict, Job, JobStore, QueueFull
 
@@ -110,8 +110,9 @@ def job_json(job: Job, store: JobStore) -> dict[str, Any]:
 
 def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key: str | None = None,
                max_queue: int = 64, wake: threading.Event | None = None, metrics: Metrics | None = None,
-               info: dict[str, Any] | None = None):
-    """The API over ``store``: routes, authorisation (``api_key``), JSON errors."""
+               info: dict[str, Any] | None = None, loras: LoraLibrary | None = None):
+    """The API over ``store``: routes, authorisation (``api_key``), JSON errors; ``loras``:
+    the adapters requests may name."""
     metrics = metrics or Metrics(store)
     app = FastAPI(title="easyanimate-rt", summary="text-to-video jobs on the easyanimate-rt runtime")
     _error_handlers(app)
@@ -121,7 +122,7 @@ def create_app(store: JobStore, config: ModelConfig, limits: Limits, *, api_key:
         return {"status": "ok", "model": config.name, **(info or {})}
 
     api = APIRouter(dependencies=[Depends(_authoriser(api_key))])
-    _submit_route(api, store, config, limits, max_queue, wake)
+    _submit_route(api, store, config, limits, max_queue, wake, loras)
     _job_routes(api, store)
 
     @api.get("/metrics")
@@ -206,7 +207,7 @@ async def _read_body(request: Request, limits: Limits) -> dict:
 
 
 def _submit_route(api, store: JobStore, config: ModelConfig, limits: Limits, max_queue: int,
-                  wake: threading.Event | None) -> None:
+                  wake: threading.Event | None, loras: LoraLibrary | None = None) -> None:
     VideoRequest = body_model()
 
     @api.post("/v1/videos", status_code=202)
@@ -221,7 +222,7 @@ def _submit_route(api, store: JobStore, config: ModelConfig, limits: Limits, max
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InputError(f"Idempotency-Key must be 1 to 255 characters, got {len(key)}")
-        resolved, req = resolve_request(fields, config, limits)
+        resolved, req = resolve_request(fields, config, limits, loras)
         # a retry is matched on the body the client sent, not on the resolved request (whose seed was drawn)
         job, created = await run_in_threadpool(store.submit, resolved, req.calls, key, max_queue, fields)
         if created and wake is not None:

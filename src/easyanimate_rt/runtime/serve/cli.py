@@ -56,6 +56,8 @@ def add_serve_parser(subparsers, default_model: Callable[[], str]) -> None:
                                         "(default: the model's default size)")
     pipe.add_argument("--cache", default="none", choices=["none", "fbcache", "teacache"], help="step caching")
     pipe.add_argument("--cache-threshold", type=float)
+    p.add_argument("--lora-dir", help="LoRA adapters requests may name: NAME.safetensors files (a request's "
+                                      "\"lora\": [\"NAME[:WEIGHT]\", ...]; never a path)")
     ray = p.add_argument_group("Ray Serve (pip install \"easyanimate-rt[serve-ray]\")")
     ray.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                      help="run the workers as Ray Serve replicas: a local Ray instance, or the cluster at ADDRESS")
@@ -94,7 +96,7 @@ def cmd_serve(args: argparse.Namespace, default_model: Callable[[], str]) -> int
                         backend=args.backend, precision=args.precision, device=args.device, threads=args.threads,
                         cache_dir=args.cache_dir, compile=not args.no_compile, cache=args.cache,
                         cache_threshold=args.cache_threshold, buckets=buckets, ray=args.ray, replicas=args.replicas,
-                        autoscale=args.autoscale)
+                        autoscale=args.autoscale, lora_dir=Path(args.lora_dir) if args.lora_dir else None)
     serve(opts, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
 

@@ -11,6 +11,7 @@ stop) and handing over a LoopState every ``every`` steps. The loop that feeds it
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -73,14 +74,68 @@ def body_model():
         sampler: str | None = None
         seed: int | None = None
         decode: str | None = None
+        lora: list[str] | None = None  # names of the server's --lora-dir adapters, "NAME[:WEIGHT]"
 
     return VideoRequest
 
 
-def resolve_request(fields: dict[str, Any], config: ModelConfig, limits: Limits) -> tuple[dict[str, Any],
-                                                                                          GenerationRequest]:
-    """(the request as stored: every field resolved, a drawn seed included; the
-    GenerationRequest), or an InputError naming the rule and the value."""
+class LoraLibrary:
+    """The LoRA adapters a server offers by name: ``NAME.safetensors`` in ``serve --lora-dir``,
+    each file checked and hashed at start-up. A request names them (never a path)."""
+
+    MAX_PER_REQUEST = 4
+
+    def __init__(self, adapters: dict[str, Any] | None = None):
+        self.adapters = dict(adapters or {})
+
+    @classmethod
+    def scan(cls, directory: str | Path | None) -> "LoraLibrary":
+        if directory is None:
+            return cls()
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise InputError(f"--lora-dir must be a directory of .safetensors LoRA files, got {str(directory)!r}")
+        from ...reference.lora import Adapter
+
+        return cls({f.stem: Adapter.open(f) for f in sorted(directory.glob("*.safetensors"))})
+
+    def resolve(self, specs: list[str] | None) -> list[dict[str, Any]]:
+        """``NAME[:WEIGHT]`` entries -> what a job stores: name, weight, path, sha256."""
+        if not specs:
+            return []
+        if len(specs) > self.MAX_PER_REQUEST:
+            raise InputError(f"lora: at most {self.MAX_PER_REQUEST} adapters per request, got {len(specs)}")
+        out: list[dict[str, Any]] = []
+        for spec in specs:
+            name, sep, text = spec.partition(":")
+            if name not in self.adapters:
+                offered = ", ".join(sorted(self.adapters)) or "none (the server has no --lora-dir)"
+                raise InputError(f"lora: unknown adapter {name!r}; this server offers: {offered}")
+            try:
+                weight = float(text) if sep else 1.0
+            except ValueError:
+                raise InputError(f"lora: the weight of {name!r} must be a number (NAME:WEIGHT), got {text!r}") from None
+            if not math.isfinite(weight):
+                raise InputError(f"lora: the weight of {name!r} must be finite, got {text!r}")
+            if any(o["name"] == name for o in out):
+                raise InputError(f"lora: {name!r} is named twice; give it once with the summed weight")
+            a = self.adapters[name]
+            out.append({"name": name, "weight": weight, "path": str(a.path), "sha256": a.sha256})
+        return out
+
+
+def adapters_of_job(request: dict[str, Any]) -> list:
+    """The Adapters a stored job names (the files are checked against their hashes when read)."""
+    from ...reference.lora import Adapter
+
+    return [Adapter(Path(e["path"]), e["weight"], e["sha256"]) for e in request.get("lora") or []]
+
+
+def resolve_request(fields: dict[str, Any], config: ModelConfig, limits: Limits,
+                    loras: LoraLibrary | None = None) -> tuple[dict[str, Any], GenerationRequest]:
+    """(the request as stored: every field resolved, a drawn seed included, the LoRA names
+    resolved against ``loras``; the GenerationRequest), or an InputError naming the rule
+    and the value."""
     for name, value in fields.items():
         if isinstance(value, str):
             try:
@@ -94,8 +149,9 @@ def resolve_request(fields: dict[str, Any], config: ModelConfig, limits: Limits)
     if len(fields.get("negative_prompt") or "") > limits.max_prompt_chars:
         raise InputError(f"negative_prompt must be at most {limits.max_prompt_chars} characters (server limit), "
                          f"got {len(fields['negative_prompt'])}")
+    lora = (loras or LoraLibrary()).resolve(fields.get("lora"))
     seed = fields.get("seed")
-    given = {k: v for k, v in fields.items() if v is not None}
+    given = {k: v for k, v in fields.items() if v is not None and k != "lora"}
     if seed is None:
         given["seed"] = secrets.randbelow(SEED_LIMIT)
     req = default_request(config, **given)
@@ -106,7 +162,10 @@ def resolve_request(fields: dict[str, Any], config: ModelConfig, limits: Limits)
             raise InputError(f"{name} must be at most {limit} (server limit), got {value}")
     req.validate(config)
     check_budget(config, req, limits.max_tokens)
-    return {k: getattr(req, k) for k in FIELDS}, req
+    stored = {k: getattr(req, k) for k in FIELDS}
+    if lora:
+        stored["lora"] = lora
+    return stored, req
 
 
 def run_job(pipe, request: dict[str, Any], out: Path, on_step: Callable[[int, int], bool],
@@ -118,6 +177,13 @@ def run_job(pipe, request: dict[str, Any], out: Path, on_step: Callable[[int, in
     ``stopping()`` turns true (a server shutting down); ``resume``: a saved state."""
     from ..pipeline import Checkpoints
 
+    request = dict(request)
+    adapters = adapters_of_job(request)
+    request.pop("lora", None)
+    if hasattr(pipe, "set_loras"):
+        pipe.set_loras(adapters)  # the job's adapters (none: the base model); engines kept in a small LRU
+    elif adapters:
+        raise InputError("this worker cannot merge LoRA adapters")
     req = default_request(pipe.config, **request)
     state = None
     if resume is not None:

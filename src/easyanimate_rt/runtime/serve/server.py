@@ -55,6 +55,7 @@ class ServeOptions:
     ray: str | None = None
     replicas: int | None = None
     autoscale: tuple[int, int] | None = None
+    lora_dir: Path | None = None  # LoRA adapters requests may name (NAME.safetensors)
 
     def check(self) -> None:
         for name, low in (("workers", 1), ("max_queue", 1), ("checkpoint_every", 0)):
@@ -144,6 +145,11 @@ def serve(opts: ServeOptions, say=print) -> None:
     from .metrics import Metrics
 
     opts.check()
+    from .jobs import LoraLibrary
+
+    loras = LoraLibrary.scan(opts.lora_dir)  # every file checked before the store opens or a worker loads
+    if loras.adapters:
+        say(f"LoRA adapters offered: {', '.join(sorted(loras.adapters))}")
     store = JobStore(opts.store)
     store.lock()
     recovered, failed = store.recover(MAX_ATTEMPTS)
@@ -166,7 +172,7 @@ def serve(opts: ServeOptions, say=print) -> None:
     loops = [WorkerLoop(store, ex, opts.checkpoint_every, wake, stop, metrics) for ex in executors]
     info = {"workers": len(loops), "ray": opts.ray is not None}
     app = create_app(store, config, opts.limits, api_key=opts.api_key, max_queue=opts.max_queue, wake=wake,
-                     metrics=metrics, info=info)
+                     metrics=metrics, info=info, loras=loras)
     family = socket.AF_INET6 if ":" in opts.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
