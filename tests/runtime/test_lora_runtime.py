@@ -56,9 +56,10 @@ def test_a_lora_is_part_of_the_model_source(model_dir, lora):
 
 
 def test_runtime_with_a_lora_equals_the_reference_and_switches_back(model_dir, lora, tmp_path):
-    """ORT CPU engines of the merged model: the reference's video with the same LoRA (within
-    one uint8 level), not the base's; set_loras([]) goes back to the base engines (loaded,
-    not built again) and the base video."""
+    """ORT CPU engines of the merged model, derived from the base engines by swapping the
+    merged weights into their graphs (engines/ort_swap.py): the reference's video with the
+    same LoRA (within one uint8 level), not the base's; set_loras([]) goes back to the base
+    engines (loaded, not built again) and the base video."""
     for m in ("onnx", "onnxscript", "onnxruntime"):
         require(m)
     from easyanimate_rt.runtime.pipeline import Pipeline
@@ -69,7 +70,8 @@ def test_runtime_with_a_lora_equals_the_reference_and_switches_back(model_dir, l
     base = _video(pipe)
     pipe.set_loras([f"{lora}:0.8"])
     with_lora = _video(pipe)
-    assert pipe.engine_dir("batched") != base_dir and (pipe.engine_dir("batched") / "engines.json").is_file()
+    lora_dir = pipe.engine_dir("batched")
+    assert lora_dir != base_dir and "lora_swap" in (lora_dir / "engines.json").read_text()  # swapped, not rebuilt
     want = ReferencePipeline.from_pretrained(model_dir, loras=[f"{lora}:0.8"]).run(
         ReferencePipeline.from_pretrained(model_dir).request(PROMPT, **KW))
     assert np.abs(with_lora.frames.astype(int) - want.frames.astype(int)).max() <= 1
