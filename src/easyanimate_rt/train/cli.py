@@ -121,8 +121,54 @@ def cmd_train_dit(args: argparse.Namespace) -> int:
     return _train_and_save(train, model, args.out, env)
 
 
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .common import claim_run_dir, init_distributed, start_run
+    from .lora_trainer import LoraTrainConfig, check_lora_out, clip_frames, save_lora, train_lora
+
+    # Before any work: every option, the run folder and the file written at the end.
+    cfg = LoraTrainConfig(rank=args.rank, alpha=args.alpha, motion_module=args.motion_module,
+                          text_encoder=args.text_encoder, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          cache_size=args.cache_size, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                          bf16=args.bf16)
+    if args.frames is not None:
+        clip_frames(args.frames)
+    if args.size is not None and (args.size < 8 or args.size % 8):
+        raise InputError(f"--size must be a multiple of 8 and >= 8, got {args.size}")
+    if not Path(args.model).is_dir():
+        from ..reference.config import preset_name
+
+        preset_name(args.model)  # a missing model directory (or unknown preset) fails here
+    run = claim_run_dir(args.run)
+    out = check_lora_out(args.out)
+    if run.resolve() == out.resolve() or run.resolve() in out.resolve().parents:
+        raise InputError(f"--out {out} must not lie inside the run folder --run {run} (its checkpoints are "
+                         f"pruned); nothing was written")
+    if not Path(args.manifest).is_file():
+        raise InputError(f"--manifest {args.manifest}: file not found")
+    from ..reference.weights import load_model_or_preset
+    from .datasets import ManifestDataset
+
+    model = load_model_or_preset(args.model)
+    sampling = model.config.sampling
+    size = args.size or sampling.height
+    source = ManifestDataset(args.manifest, args.frames or sampling.frames, size, size)
+    env = init_distributed()
+    start_run(args.run, env, "train lora")
+    try:
+        network = train_lora(model, source, cfg, args.run, env=env, resume=not args.no_resume)
+    except TrainingInterrupted as exc:
+        return _interrupted(exc)
+    if env.is_main:
+        save_lora(network, out, cfg, metadata={"ss_base_model": model.config.name})
+        print(f"LoRA written to {out} (rank {cfg.rank}, alpha {cfg.alpha or cfg.rank:g}, "
+              f"{len(network.targets)} modules)")
+    return 0
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train models (shapes recipe, VAE, DiT)")
+    p = sub.add_parser("train", help="train models (shapes recipe, VAE, DiT, LoRA)")
     tsub = p.add_subparsers(dest="train_command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -166,6 +212,29 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--grad-checkpointing", action="store_true")
     q.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP under torchrun")
     q.set_defaults(func=cmd_train_dit)
+
+    q = tsub.add_parser("lora", help="train a LoRA (kohya/upstream format) on a frozen model and a manifest")
+    q.add_argument("--model", required=True, help="model directory (or preset) the LoRA adapts; kept frozen")
+    q.add_argument("--manifest", required=True, help="JSONL manifest (data pipeline output)")
+    q.add_argument("--rank", type=int, required=True, help="LoRA rank (>= 1)")
+    q.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: rank)")
+    q.add_argument("--run", required=True,
+                   help="run folder: checkpoints, metrics.csv, caches (new, empty, or a run of ours to resume)")
+    q.add_argument("--out", required=True,
+                   help="LoRA .safetensors to write at the end (new, or a LoRA this command wrote)")
+    q.add_argument("--motion-module", action="store_true", help="adapt the motion modules too")
+    q.add_argument("--text-encoder", action="store_true", help="adapt the T5 encoder's Linears too")
+    q.add_argument("--steps", type=int, default=1000)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--size", type=int, default=None, help="training resolution (default: the model's)")
+    q.add_argument("--frames", type=int, default=None, help="clip length, 1 + 8k (default: the model's)")
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--cache-size", type=int, default=512, help="clips encoded once and trained on")
+    q.add_argument("--checkpoint-every", type=int, default=200)
+    q.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --run")
+    q.set_defaults(func=cmd_train_lora)
 
 
 __all__ = ["add_train_parser"]
