@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import EngineError
-from .ort_swap import _inits, _read_graph, _replacement, initializer_map
+from .ort_swap import _as_numpy, _inits, _read_graph, _replacement, initializer_map
 
 
 def refit_values(onnx_path: str | Path, merged: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -35,7 +35,7 @@ def refit_values(onnx_path: str | Path, merged: Mapping[str, Any], base: Mapping
         raise EngineError(f"{onnx_path}: {len(missing)} weight(s) the LoRA changes are not initializers of the "
                           f"exported graph (e.g. {missing[0]}); the engine cannot be refitted")
     inits = {i.name: i for i in _inits(_read_graph(Path(onnx_path)))}
-    return {slots[p][0]: _replacement(slots[p], inits[slots[p][0]], _numpy(w)) for p, w in merged.items()}
+    return {slots[p][0]: _replacement(slots[p], inits[slots[p][0]], _as_numpy(w)) for p, w in merged.items()}
 
 
 def refit_plan(trt, plan: bytes, values: Mapping[str, np.ndarray], logger=None) -> bytes:
@@ -64,11 +64,3 @@ def refit_plan(trt, plan: bytes, values: Mapping[str, np.ndarray], logger=None) 
         raise EngineError("TensorRT could not refit the engine")
     return bytes(engine.serialize())
 
-
-def _numpy(w: Any) -> np.ndarray:
-    if hasattr(w, "detach"):
-        w = w.detach().cpu()
-        if str(w.dtype) == "torch.bfloat16":
-            w = w.float()
-        w = w.numpy()
-    return np.asarray(w)
